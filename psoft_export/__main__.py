@@ -1,0 +1,3 @@
+from psoft_export.cli import main
+
+main()

@@ -1,0 +1,161 @@
+"""The ``psoft-export`` command line: argument parsing, progress display and exit codes, nothing else.
+
+Exit codes: 0 success, 1 verification failed or an unexpected error, 2 bad input (one line, no traceback;
+``--debug`` shows it), 130/143 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+import traceback
+
+import click
+
+from psoft_export import __version__
+from psoft_export.defaults import DEFAULT_NITER, DEFAULT_OVERSAMPLE
+from psoft_export.errors import PsoftExportError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(command):
+    """Turn the package's errors into one line and an exit code; full tracebacks only with ``--debug``."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        debug = click.get_current_context().find_root().params.get("debug", False)
+        try:
+            return command(*args, **kwargs)
+        except PsoftExportError as exc:
+            if debug:
+                traceback.print_exc()
+            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+    return wrapper
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(__version__, "--version", prog_name="psoft-export")
+@click.option("--debug", is_flag=True, help="Show full tracebacks for errors.")
+def cli(debug: bool) -> None:
+    """Orthogonal fine-tuning (PSOFT, OFTv2) from decomposition to deployment.
+
+    \b
+    Typical chain:
+      psoft-export decompose MODEL -o DECOMP --rank 32
+      psoft-export train MODEL --data data.jsonl --decomposition DECOMP -o ADAPTER
+      psoft-export merge MODEL --adapter ADAPTER --to gguf -o OUT
+      psoft-export verify OUT --model MODEL --adapter ADAPTER
+    """
+
+
+def _planned(command: str, issue: int) -> None:
+    raise NotAvailable(f"'psoft-export {command}' is not available in {__version__} yet (planned, issue #{issue})")
+
+
+class NotAvailable(PsoftExportError):
+    exit_code = 2
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model_dir", type=click.Path())
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Decomposition directory to write.")
+@click.option("--rank", type=int, required=True, help="Rank r of the principal subspace kept per weight.")
+@click.option("--targets", default="all-linear", show_default=True,
+              help="all-linear (every linear layer but the output head), names (q_proj,v_proj) or a regex.")
+@click.option("--svd", type=click.Choice(["full", "lowrank"]), default="lowrank", show_default=True,
+              help="full: exact SVD; lowrank: randomized (torch.svd_lowrank), much faster on big weights.")
+@click.option("--niter", type=int, default=DEFAULT_NITER, show_default=True, help="Power iterations for --svd lowrank.")
+@click.option("--oversample", type=int, default=DEFAULT_OVERSAMPLE, show_default=True,
+              help="Extra columns for --svd lowrank (q = rank + oversample). 0 with --niter 10 reproduces PEFT.")
+@click.option("--init", type=click.Choice(["psoft", "pissa"]), default="psoft", show_default=True,
+              help="psoft: A = V_r^T (orthonormal rows); pissa: symmetric sqrt(S) split.")
+@click.option("--alpha", type=float, default=None, help="Scaling numerator, s = alpha / r (default: r, so s = 1).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the lowrank random projection.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the SVDs run; auto uses CUDA when available.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--no-plot", is_flag=True, help="Skip spectra.png.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON on stdout.")
+@handle_errors
+def decompose(model_dir, out_dir, rank, targets, svd, niter, oversample, init, alpha, seed, device, overwrite,
+              no_plot, as_json) -> None:
+    """Extract the SVD principal subspace of a model's target weights, once.
+
+    Streams weights tensor by tensor from MODEL_DIR's safetensors (the model is never built) and writes
+    OUT/decomposition.safetensors (A, B and singular values per target), OUT/manifest.json (content hash of
+    each source weight, settings, versions, energy kept per target) and OUT/spectra.png. Later steps read it
+    and refuse it for a model whose weights differ.
+    """
+    import json
+
+    from tqdm import tqdm
+
+    from psoft_export.adapters.surgery import parse_targets
+    from psoft_export.decompose import decompose as run, format_table
+
+    def progress(jobs):
+        return tqdm(jobs, desc="decompose", unit="tensor", disable=None, leave=False)
+
+    result = run(model_dir, out_dir, rank, targets=parse_targets(targets), svd=svd, niter=niter,
+                 oversample=oversample, init=init, alpha=alpha, seed=seed, device=device, overwrite=overwrite,
+                 plot=not no_plot, progress=progress)
+    m = result.manifest
+    if as_json:
+        summary = {k: m[k] for k in ("rank", "alpha", "init", "svd", "niter", "oversample", "device", "seconds")}
+        click.echo(json.dumps({"output": str(result.path), **summary, "targets": len(m["targets"]),
+                               "kinds": m["kinds"]}, indent=2))
+        return
+    click.echo(format_table(m))
+    click.echo(f"decomposed {len(m['targets'])} weights at rank {m['rank']} ({m['svd']} SVD on {m['device']}) "
+               f"in {m['seconds']:.1f} s -> {result.path}")
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model_dir", type=click.Path())
+@click.option("--data", required=True, type=click.Path(), help="JSONL: {text}, {prompt, completion} or {text, label}.")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Adapter directory (PEFT format).")
+@click.option("--method", type=click.Choice(["psoft", "oft"]), default="psoft", show_default=True)
+@click.option("--decomposition", type=click.Path(), help="Directory written by 'decompose' (PSOFT).")
+@handle_errors
+def train(**kwargs) -> None:
+    """Train a PSOFT or OFTv2 adapter on a JSONL data set; writes a PEFT-compatible adapter directory."""
+    _planned("train", 4)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("model_dir", type=click.Path())
+@click.option("--adapter", required=True, type=click.Path(), help="Adapter directory (ours or PEFT's).")
+@click.option("--to", "fmt", required=True, help="Export format: safetensors, onnx or gguf.")
+@click.option("--split", is_flag=True, help="Write the base and the adapter separately (LoRA form for PSOFT).")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Output directory.")
+@handle_errors
+def merge(**kwargs) -> None:
+    """Fold the rotations into the weights and export (safetensors, ONNX, GGUF), verified against PyTorch."""
+    _planned("merge", 5)
+
+
+@cli.command(context_settings=CONTEXT)
+@click.argument("export_dir", type=click.Path())
+@click.option("--model", "model_dir", required=True, type=click.Path(), help="The base model directory.")
+@click.option("--adapter", required=True, type=click.Path(), help="The adapter the export was made from.")
+@handle_errors
+def verify(**kwargs) -> None:
+    """Run an export in its own runtime and compare it with the PyTorch model plus adapter."""
+    _planned("verify", 6)
+
+
+def main() -> None:
+    cli(prog_name="psoft-export")
+
+
+if __name__ == "__main__":
+    main()

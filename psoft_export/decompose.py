@@ -1,0 +1,280 @@
+"""``decompose``: the principal subspace of every target weight, computed once and stored.
+
+Streams weights tensor by tensor from the safetensors files (the model is never built: a meta-device skeleton
+gives names and layer types), so peak memory is the largest target weight plus its factors.
+Output: ``decomposition.safetensors`` (``<module>.A``, ``<module>.B``, ``<module>.S``) and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from psoft_export import __version__
+from psoft_export.adapters.layout import is_fan_in_fan_out
+from psoft_export.adapters.surgery import Targets, select_targets
+from psoft_export.atomic import atomic_output_dir
+from psoft_export.defaults import DEFAULT_NITER, DEFAULT_OVERSAMPLE
+from psoft_export.checkpoint import ModelSource, sha256_of, skeleton
+from psoft_export.errors import UserInputError
+from psoft_export.subspace import (
+    INITS, SVD_BACKENDS, Subspace, check_rank, energy_fraction, principal_subspace, psoft_factors,
+)
+
+FACTORS_FILE = "decomposition.safetensors"
+MANIFEST_FILE = "manifest.json"
+PLOT_FILE = "spectra.png"
+FORMAT = "psoft-export/decomposition/1"
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+@dataclass
+class Decomposition:
+    """A stored decomposition: the manifest and, on demand, the factors."""
+
+    path: Path
+    manifest: dict
+    _factors: Optional[dict] = field(default=None, repr=False)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Decomposition":
+        path = Path(path)
+        try:
+            manifest = json.loads((path / MANIFEST_FILE).read_text())
+        except FileNotFoundError:
+            raise UserInputError(f"{path} is not a decomposition directory (no {MANIFEST_FILE}): run decompose") from None
+        except ValueError as exc:
+            raise UserInputError(f"{path / MANIFEST_FILE} is not valid JSON: {exc}") from None
+        if manifest.get("format") != FORMAT:
+            raise UserInputError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT}: re-run decompose")
+        return cls(path, manifest)
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.manifest["targets"])
+
+    def factors(self, device: str = "cpu") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``{module: (A (r, in), B (out, r))}`` ready for :func:`psoft_export.adapters.inject`."""
+        if self._factors is None:
+            self._factors = load_file(self.path / FACTORS_FILE, device=device)
+        return {n: (self._factors[f"{n}.A"], self._factors[f"{n}.B"]) for n in self.targets}
+
+    def check_source(self, model_dir: str | Path) -> None:
+        """Refuse a model whose target weights are not the ones this decomposition was computed from."""
+        source = ModelSource(model_dir)
+        for name, info in self.manifest["targets"].items():
+            key = info["key"]
+            if key not in source.keys() or sha256_of(source.tensor(key)) != info["sha256"]:
+                raise UserInputError(
+                    f"decomposition {self.path} was computed from other weights than {model_dir} "
+                    f"({key} differs): re-run decompose on this model"
+                )
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda was given but no CUDA device is available: use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise UserInputError(f"unknown device {device!r}: choose auto, cpu or cuda")
+    return device
+
+
+def target_kind(name: str) -> str:
+    """``model.layers.3.self_attn.q_proj`` -> ``self_attn.q_proj``: the name with its layer index dropped."""
+    parts = name.split(".")
+    idx = [i for i, p in enumerate(parts) if p.isdigit()]
+    return ".".join(parts[idx[-1] + 1:]) if idx and idx[-1] + 1 < len(parts) else parts[-1]
+
+
+def plan(model_dir: Path, rank: int, targets: Targets) -> tuple[ModelSource, list[tuple[str, str, bool]]]:
+    """Validate everything before any SVD: ``[(module, checkpoint key, fan_in_fan_out)]``."""
+    source = ModelSource(model_dir)
+    model = skeleton(model_dir)
+    prefix = getattr(model, "base_model_prefix", "")
+    jobs = []
+    for name in select_targets(model, targets):
+        key = source.resolve(name, prefix)
+        dtype = source.dtype(key)
+        if dtype not in FLOAT_DTYPES:
+            raise UserInputError(f"{key} has dtype {dtype}, not floating point: decompose needs float weights "
+                                 "(dequantize the model first)")
+        shape = source.shape(key)
+        if len(shape) != 2:
+            raise UserInputError(f"{key} has shape {shape}, expected a 2-D weight")
+        fifo = is_fan_in_fan_out(model.get_submodule(name))
+        out_f, in_f = (shape[1], shape[0]) if fifo else shape
+        check_rank(rank, out_f, in_f, name)
+        jobs.append((name, key, fifo))
+    return source, jobs
+
+
+def decompose(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    rank: int,
+    *,
+    targets: Targets = "all-linear",
+    svd: str = "lowrank",
+    niter: int = DEFAULT_NITER,
+    oversample: int = DEFAULT_OVERSAMPLE,
+    init: str = "psoft",
+    alpha: Optional[float] = None,
+    seed: int = 0,
+    device: str = "auto",
+    overwrite: bool = False,
+    plot: bool = True,
+    progress: Optional[Callable] = None,
+) -> Decomposition:
+    """Compute and store the rank-``rank`` principal subspace of each target weight of ``model_dir``.
+
+    ``svd="lowrank"`` runs ``torch.svd_lowrank`` with ``q = rank + oversample`` columns and ``niter`` power
+    iterations (``oversample=0, niter=10`` reproduces PEFT's ``psoft_svd="lowrank"`` bit for bit);
+    ``svd="full"`` is exact. ``alpha`` defaults to ``rank`` (``s = 1``). ``progress`` wraps the iterable of
+    targets (e.g. ``tqdm``).
+    """
+    model_dir = Path(model_dir)
+    if not isinstance(rank, int) or rank <= 0:
+        raise UserInputError(f"--rank must be a positive integer, got {rank}")
+    if svd not in SVD_BACKENDS:
+        raise UserInputError(f"unknown --svd {svd!r}: choose one of {', '.join(SVD_BACKENDS)}")
+    if init not in INITS:
+        raise UserInputError(f"unknown --init {init!r}: choose one of {', '.join(INITS)}")
+    if niter < 0 or oversample < 0:
+        raise UserInputError("--niter and --oversample must be >= 0")
+    alpha = float(rank if alpha is None else alpha)
+    if alpha <= 0:
+        raise UserInputError(f"--alpha must be > 0, got {alpha}")
+    device = resolve_device(device)
+    source, jobs = plan(model_dir, rank, targets)
+
+    tensors: dict[str, torch.Tensor] = {}
+    records: dict[str, dict] = {}
+    start = time.perf_counter()
+    for name, key, fifo in (progress(jobs) if progress else jobs):
+        weight = source.tensor(key, device=device)
+        digest = sha256_of(weight)
+        W = weight.T if fifo else weight
+        del weight
+        sub = _subspace(W, rank, svd, niter, oversample, seed)
+        frob2 = squared_norm(W)
+        del W
+        A, B = psoft_factors(_truncate(sub, rank), alpha / rank, init)
+        tensors[f"{name}.A"], tensors[f"{name}.B"] = A.cpu().contiguous(), B.cpu().contiguous()
+        tensors[f"{name}.S"] = sub.S.cpu().contiguous()
+        kept = float(sub.S[:rank].double().square().sum())
+        records[name] = {
+            "key": key, "file": source.file(key), "sha256": digest, "dtype": source.dtype(key),
+            "shape": [B.shape[0], A.shape[1]], "fan_in_fan_out": fifo,
+            "energy": kept / frob2 if frob2 > 0 else 1.0,
+        }
+    seconds = time.perf_counter() - start
+    manifest = {
+        "format": FORMAT,
+        "source_model": str(model_dir.absolute()),
+        "rank": rank, "alpha": alpha, "init": init, "svd": svd, "niter": niter, "oversample": oversample,
+        "seed": seed, "device": device, "seconds": round(seconds, 3),
+        "targets": records,
+        "kinds": summarize(records),
+        "versions": _versions(),
+    }
+    out_dir = Path(out_dir)
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        save_file(tensors, tmp / FACTORS_FILE, metadata={"format": FORMAT, "rank": str(rank)})
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        if plot:
+            plot_spectra(tensors, records, rank, tmp / PLOT_FILE)
+    return Decomposition(out_dir, manifest)
+
+
+def _subspace(W: torch.Tensor, rank: int, svd: str, niter: int, oversample: int, seed: int) -> Subspace:
+    if svd == "full":
+        return principal_subspace(W, min(W.shape), svd="full")
+    q = min(rank + oversample, *W.shape)
+    return principal_subspace(W, q, svd="lowrank", niter=niter, seed=seed)
+
+
+def squared_norm(W: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """``||W||_F^2`` accumulated in float64, a chunk at a time (no float64 copy of a big weight)."""
+    flat = W.reshape(-1) if W.is_contiguous() else W.T.reshape(-1)
+    return sum(float(c.double().square().sum()) for c in flat.split(chunk))
+
+
+def _truncate(sub: Subspace, rank: int) -> Subspace:
+    return Subspace(sub.U[:, :rank].contiguous(), sub.S[:rank].contiguous(), sub.Vh[:rank].contiguous())
+
+
+def summarize(records: dict[str, dict]) -> dict[str, dict]:
+    """Per target kind: count, shapes, mean and min fraction of spectral energy kept."""
+    kinds: dict[str, dict] = {}
+    for name, rec in records.items():
+        k = kinds.setdefault(target_kind(name), {"count": 0, "shapes": [], "energies": []})
+        k["count"] += 1
+        if rec["shape"] not in k["shapes"]:
+            k["shapes"].append(rec["shape"])
+        k["energies"].append(rec["energy"])
+    return {
+        kind: {"count": k["count"], "shapes": k["shapes"], "energy_mean": sum(k["energies"]) / k["count"],
+               "energy_min": min(k["energies"])}
+        for kind, k in kinds.items()
+    }
+
+
+def plot_spectra(tensors: dict, records: dict, rank: int, path: Path) -> None:
+    """Cumulative fraction of spectral energy vs. rank, one line per target kind (mean over layers)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    by_kind: dict[str, list[torch.Tensor]] = {}
+    for name, rec in records.items():
+        S2 = tensors[f"{name}.S"].double().square()
+        frob2 = float(S2[:rank].sum()) / rec["energy"] if rec["energy"] > 0 else 1.0
+        by_kind.setdefault(target_kind(name), []).append(S2.cumsum(0) / frob2)
+    for kind, curves in sorted(by_kind.items()):
+        n = min(len(c) for c in curves)
+        mean = torch.stack([c[:n] for c in curves]).mean(0)
+        ax.plot(range(1, n + 1), mean.numpy(), label=f"{kind} ({len(curves)})")
+    ax.axvline(rank, color="grey", linestyle="--", linewidth=1)
+    ax.text(rank, 0.02, f" r={rank}", color="grey")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("rank k")
+    ax.set_ylabel("fraction of spectral energy kept (sum of top-k σ² / ||W||²_F)")
+    ax.set_ylim(0, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title("Principal-subspace energy by target kind")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+    import transformers
+
+    return {"psoft_export": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "safetensors": safetensors.__version__, "python": platform.python_version()}
+
+
+def format_table(manifest: dict) -> str:
+    """The terminal table: one row per target kind."""
+    rows = [("target kind", "count", "shape (out x in)", f"energy kept @ r={manifest['rank']}", "min")]
+    for kind, k in manifest["kinds"].items():
+        shapes = ", ".join(f"{o}x{i}" for o, i in k["shapes"])
+        rows.append((kind, str(k["count"]), shapes, f"{k['energy_mean']:.1%}", f"{k['energy_min']:.1%}"))
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,200 @@
+"""decompose: subspace accuracy against float64 SVD and PEFT, the stored format, hashes, and bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from peft import PsoftConfig as PeftPsoftConfig
+from peft import get_peft_model
+from safetensors.torch import load_file, save_file
+
+from psoft_export.adapters import PsoftConfig, inject
+from psoft_export.checkpoint import ModelSource, sha256_of
+from psoft_export.cli import cli
+from psoft_export.decompose import Decomposition, decompose
+from psoft_export.errors import UserInputError
+from tests.conftest import MODELS, load_model, model_inputs, outputs, peft_copy, rel_err
+from tests.test_adapters_psoft import copy_into_peft, randomize
+
+
+def largest_principal_angle(X: torch.Tensor, Y: torch.Tensor) -> float:
+    """Largest principal angle (rad) between the row spaces of X and Y, via its sine in float64.
+
+    arccos of the cosines is useless here: near 1 it turns float32 rounding (1e-7) into 4e-4 rad.
+    """
+    Qx = torch.linalg.qr(X.double().T).Q  # orthonormal bases of the row spaces, as columns
+    Qy = torch.linalg.qr(Y.double().T).Q
+    residual = Qx - Qy @ (Qy.T @ Qx)  # the part of span(X) outside span(Y)
+    return float(torch.arcsin(torch.linalg.matrix_norm(residual, ord=2).clamp(max=1.0)))
+
+
+def weights(model_name: str) -> dict[str, torch.Tensor]:
+    return load_file(MODELS / model_name / "model.safetensors")
+
+
+@pytest.mark.parametrize("model_name,rank", [("llama", 8), ("gpt2", 16), ("bert", 8)])
+def test_lowrank_matches_exact_subspace(tmp_path, model_name, rank):
+    low = decompose(MODELS / model_name, tmp_path / "low", rank, svd="lowrank", plot=False)
+    sd = weights(model_name)
+    worst = 0.0
+    for name, (A, B) in low.factors().items():
+        rec = low.manifest["targets"][name]
+        W = sd[rec["key"]].double()
+        W = W.T if rec["fan_in_fan_out"] else W
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        worst = max(worst, largest_principal_angle(A, Vh[:rank]))
+        Bn = B / B.norm(dim=0)
+        worst = max(worst, largest_principal_angle(Bn.T, U[:, :rank].T))
+    assert worst < 1e-3, f"{model_name}: lowrank vs float64 SVD, largest principal angle {worst:.2e} rad >= 1e-3"
+
+
+@pytest.mark.parametrize("init", ["psoft", "pissa"])
+def test_stored_factors_rebuild_the_weight(tmp_path, init):
+    rank, alpha = 8, 4.0
+    dec = decompose(MODELS / "llama", tmp_path / "d", rank, svd="full", init=init, alpha=alpha, plot=False)
+    sd = weights("llama")
+    s = alpha / rank
+    for name, (A, B) in dec.factors().items():
+        W = sd[dec.manifest["targets"][name]["key"]].double()
+        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+        best = U[:, :rank] @ torch.diag(S[:rank]) @ Vh[:rank]
+        err = rel_err(s * B.double() @ A.double(), best)
+        assert err < 1e-5, f"{name}: s B A vs float64 rank-{rank} truncation, rel err {err:.2e}"
+        if init == "psoft":
+            assert torch.allclose(A @ A.T, torch.eye(rank), atol=1e-5), "psoft init: A must have orthonormal rows"
+            W_res = W - s * B.double() @ A.double()
+            assert float((W_res @ A.double().T).abs().max()) < 1e-5 * float(W.abs().max()), "W_res A^T != 0"
+        energy = float(S[:rank].square().sum() / S.square().sum())
+        assert abs(dec.manifest["targets"][name]["energy"] - energy) < 1e-6
+
+
+@pytest.mark.parametrize("model_name", ["llama", "gpt2"])
+@pytest.mark.parametrize("svd", ["full", "lowrank"])
+def test_psoft_from_stored_factors_equals_peft(tmp_path, model_name, svd):
+    """PEFT's own SVD (full, or lowrank with q=r, niter=10, seed 0) vs our stored factors: same function."""
+    rank = 8
+    opts = {"oversample": 0, "niter": 10} if svd == "lowrank" else {}
+    dec = decompose(MODELS / model_name, tmp_path / "d", rank, svd=svd, alpha=16, plot=False, **opts)
+    base = load_model(model_name)
+    ours = load_model(model_name)
+    layers = inject(ours, PsoftConfig(rank=rank, alpha=16), factors=dec.factors())
+    cfg = PeftPsoftConfig(r=rank, psoft_alpha=16, target_modules="all-linear", psoft_svd=svd,
+                          psoft_svd_lowrank_niter=10)
+    theirs = get_peft_model(peft_copy(base), cfg).eval()
+    randomize(layers)
+    copy_into_peft(layers, theirs)
+    inputs = model_inputs(model_name)
+    err = rel_err(outputs(ours, inputs), outputs(theirs, inputs))
+    assert err <= 1e-5, f"{model_name} {svd}: stored-factor PSOFT vs PEFT PSOFT rel err {err:.2e} > 1e-5"
+
+
+def test_manifest_records_hashes_and_settings(tmp_path):
+    dec = decompose(MODELS / "qwen2", tmp_path / "d", 4, targets=["q_proj", "v_proj"], seed=3)
+    m = json.loads((tmp_path / "d" / "manifest.json").read_text())
+    assert m["rank"] == 4 and m["alpha"] == 4.0 and m["seed"] == 3 and m["svd"] == "lowrank"
+    assert set(m["versions"]) >= {"torch", "transformers", "psoft_export"}
+    assert sorted(m["kinds"]) == ["self_attn.q_proj", "self_attn.v_proj"]
+    source = ModelSource(MODELS / "qwen2")
+    for name, rec in m["targets"].items():
+        assert rec["sha256"] == sha256_of(source.tensor(rec["key"]))
+    png = (tmp_path / "d" / "spectra.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    dec.check_source(MODELS / "qwen2")
+
+
+def test_mismatched_model_is_refused(tmp_path):
+    dec = decompose(MODELS / "llama", tmp_path / "d", 4, plot=False)
+    other = tmp_path / "other"
+    shutil.copytree(MODELS / "llama", other)
+    sd = load_file(other / "model.safetensors")
+    sd["model.layers.1.mlp.up_proj.weight"][0, 0] += 1e-3
+    save_file(sd, other / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserInputError, match="computed from other weights.*model.layers.1.mlp.up_proj.weight differs"):
+        dec.check_source(other)
+
+
+def test_sharded_model_gives_same_factors(tmp_path):
+    model = load_model("llama")
+    sharded = tmp_path / "sharded"
+    model.save_pretrained(sharded, max_shard_size="100KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    assert len(list(sharded.glob("model-*.safetensors"))) >= 3
+    a = decompose(MODELS / "llama", tmp_path / "a", 8, svd="full", plot=False).factors()
+    b = decompose(sharded, tmp_path / "b", 8, svd="full", plot=False).factors()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name][0], b[name][0]) and torch.equal(a[name][1], b[name][1]), name
+
+
+def run_cli(*args):
+    result = CliRunner().invoke(cli, list(args))
+    return result.exit_code, result.output
+
+
+def assert_clean_failure(tmp_path, code, output, pattern):
+    lines = [l for l in output.splitlines() if l.strip()]
+    assert code == 2, output
+    assert len(lines) == 1 and lines[0].startswith("error: "), output
+    assert pattern in lines[0], lines[0]
+    assert "Traceback" not in output
+    assert not (tmp_path / "out").exists(), "output directory left behind"
+    assert not list(tmp_path.glob(".out.tmp-*")), "temporary directory left behind"
+
+
+def write_model(tmp_path: Path, mutate) -> Path:
+    d = tmp_path / "model"
+    shutil.copytree(MODELS / "llama", d)
+    sd = load_file(d / "model.safetensors")
+    mutate(sd)
+    save_file(sd, d / "model.safetensors", metadata={"format": "pt"})
+    return d
+
+
+def test_bad_inputs_exit_2_and_leave_nothing(tmp_path):
+    out = str(tmp_path / "out")
+    llama = str(MODELS / "llama")
+    cases = [
+        ((str(tmp_path / "missing"), "-o", out, "--rank", "4"), "does not exist"),
+        ((llama, "-o", out, "--rank", "0"), "--rank must be a positive integer"),
+        ((llama, "-o", out, "--rank", "33"), "rank 33 is invalid for model.layers.0.self_attn.k_proj (shape 32x64)"),
+        ((llama, "-o", out, "--rank", "4", "--targets", "query,key"), "no module matched targets query,key"),
+        ((str(tmp_path), "-o", out, "--rank", "4"), "has no config.json"),
+    ]
+    for args, pattern in cases:
+        assert_clean_failure(tmp_path, *run_cli("decompose", *args), pattern)
+
+
+def test_non_float_and_corrupt_weights(tmp_path):
+    def to_int(sd):
+        sd["model.layers.0.self_attn.q_proj.weight"] = sd["model.layers.0.self_attn.q_proj.weight"].to(torch.int8)
+
+    d = write_model(tmp_path, to_int)
+    code, output = run_cli("decompose", str(d), "-o", str(tmp_path / "out"), "--rank", "4")
+    assert_clean_failure(tmp_path, code, output, "has dtype I8, not floating point")
+    (d / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    code, output = run_cli("decompose", str(d), "-o", str(tmp_path / "out"), "--rank", "4")
+    assert_clean_failure(tmp_path, code, output, "cannot read")
+    (d / "model.safetensors").unlink()
+    (d / "pytorch_model.bin").write_bytes(b"pickle")
+    code, output = run_cli("decompose", str(d), "-o", str(tmp_path / "out"), "--rank", "4")
+    assert_clean_failure(tmp_path, code, output, "only pickled weights")
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("x")
+    code, output = run_cli("decompose", str(MODELS / "gpt2"), "-o", str(tmp_path / "out"), "--rank", "4")
+    assert code == 2 and "already exists" in output
+    assert (tmp_path / "out" / "keep.txt").exists()
+    code, output = run_cli("decompose", str(MODELS / "gpt2"), "-o", str(tmp_path / "out"), "--rank", "4",
+                           "--overwrite", "--json")
+    assert code == 0, output
+    summary = json.loads(output)
+    assert summary["targets"] == 8 and summary["rank"] == 4
+    assert not (tmp_path / "out" / "keep.txt").exists()
+    assert Decomposition.load(tmp_path / "out").targets

@@ -119,16 +119,70 @@ def decompose(model_dir, out_dir, rank, targets, svd, niter, oversample, init, a
                f"in {m['seconds']:.1f} s -> {result.path}")
 
 
+def _help(name: str) -> str:
+    from psoft_export.train import TrainConfig
+
+    return TrainConfig.__dataclass_fields__[name].metadata["help"]
+
+
 @cli.command(context_settings=CONTEXT)
 @click.argument("model_dir", type=click.Path())
 @click.option("--data", required=True, type=click.Path(), help="JSONL: {text}, {prompt, completion} or {text, label}.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Adapter directory (PEFT format).")
 @click.option("--method", type=click.Choice(["psoft", "oft"]), default="psoft", show_default=True)
-@click.option("--decomposition", type=click.Path(), help="Directory written by 'decompose' (PSOFT).")
+@click.option("--decomposition", type=click.Path(), help="Directory written by 'decompose' (PSOFT); default: decompose now.")
+@click.option("--rank", type=int, default=32, show_default=True, help=_help("rank"))
+@click.option("--alpha", type=float, default=None, help=_help("alpha"))
+@click.option("--block-size", type=int, default=32, show_default=True, help=_help("block_size"))
+@click.option("--targets", default="all-linear", show_default=True, help=_help("targets"))
+@click.option("--steps", type=int, default=None, help=_help("steps"))
+@click.option("--epochs", type=float, default=None, help=_help("epochs"))
+@click.option("--lr", type=float, default=2e-3, show_default=True, help=_help("lr"))
+@click.option("--batch-size", type=int, default=8, show_default=True, help=_help("batch_size"))
+@click.option("--grad-accum", type=int, default=1, show_default=True, help=_help("grad_accum"))
+@click.option("--seq-len", type=int, default=256, show_default=True, help=_help("seq_len"))
+@click.option("--cayley", type=click.Choice(["exact", "neumann"]), default=None, help=_help("cayley"))
+@click.option("--neumann-terms", type=int, default=6, show_default=True, help=_help("neumann_terms"))
+@click.option("--no-vectors", is_flag=True, help="PSOFT without the tunable vectors (strictly orthogonal R).")
+@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
+              help=_help("precision"))
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--grad-checkpointing", is_flag=True, help=_help("grad_checkpointing"))
+@click.option("--eval-data", type=click.Path(), default=None, help="JSONL of the same kind for the eval loss.")
+@click.option("--eval-every", type=int, default=0, show_default=True, help=_help("eval_every"))
+@click.option("--save-every", type=int, default=0, show_default=True, help=_help("save_every"))
+@click.option("--resume", is_flag=True, help="Continue the interrupted run in OUTPUT from its last checkpoint.")
+@click.option("--seed", type=int, default=0, show_default=True, help=_help("seed"))
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @handle_errors
-def train(**kwargs) -> None:
-    """Train a PSOFT or OFTv2 adapter on a JSONL data set; writes a PEFT-compatible adapter directory."""
-    _planned("train", 4)
+def train(model_dir, data, out_dir, decomposition, no_vectors, eval_data, resume, overwrite, as_json, **options) -> None:
+    """Train a PSOFT or OFTv2 adapter on a JSONL data set; writes a PEFT-compatible adapter directory.
+
+    OUTPUT holds adapter_config.json + adapter_model.safetensors (PEFT loads them), the subspace
+    (decomposition/), train_log.jsonl, loss.png and checkpoints/ for --resume.
+    """
+    import json
+
+    from tqdm import tqdm
+
+    from psoft_export.train import TrainConfig, train as run
+
+    cfg = TrainConfig(vectors=not no_vectors, **options)
+
+    def progress(steps):
+        return tqdm(steps, desc=f"train {cfg.method}", unit="step", disable=None, initial=steps.start,
+                    total=steps.stop)
+
+    summary = run(model_dir, data, out_dir, cfg, decomposition=decomposition, eval_data=eval_data, resume=resume,
+                  overwrite=overwrite, progress=progress)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    evals = f", eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else ""
+    click.echo(f"trained {cfg.method} for {summary['steps']} steps in {summary['seconds']:.1f} s on {summary['device']}: "
+               f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}{evals}; "
+               f"{summary['trainable_parameters']:,} trainable parameters -> {summary['output']}")
 
 
 @cli.command(context_settings=CONTEXT)

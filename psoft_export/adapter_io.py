@@ -1,0 +1,300 @@
+"""Adapter directories: PEFT's format both ways, plus what makes ours exact everywhere.
+
+An adapter directory written here is a PEFT adapter directory (``adapter_config.json`` and
+``adapter_model.safetensors`` with PEFT's key names), so ``peft.PeftModel.from_pretrained(base, DIR)`` loads it.
+Beside those files it holds:
+
+- ``decomposition/`` (PSOFT): the stored subspace ``A``, ``B`` per target with the hash of each source weight,
+  so our own loads never re-run an SVD and refuse a model with other weights;
+- ``psoft_export.safetensors``: our trainable tensors in our basis (``<module>.q``, ``.vector_a``, ``.vector_b``);
+- ``psoft_export.json``: the method, its configuration, targets, task, classes and training summary.
+
+The portability trap (METHODS.md §7): PEFT rebuilds ``A``, ``B`` by SVD at load, and singular vectors come with
+arbitrary signs. When writing the PEFT tensors we therefore run the SVD PEFT will run (full, float32, this
+machine), find the basis change ``O`` between its subspace and ours (``A_peft = O A_ours``, a signed identity in
+practice) and store ``Q' = O Q O^T``: the function PEFT rebuilds is the one we trained. A PEFT directory without
+our files is read as PEFT would read it (subspace recomputed by PEFT's algorithm, OFT's exact-mode sign flipped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from psoft_export import __version__
+from psoft_export.adapters import OftConfig, OftLinear, PsoftConfig, PsoftLinear, adapter_layers, inject
+from psoft_export.adapters.cayley import skew_symmetric
+from psoft_export.adapters.layout import is_fan_in_fan_out, weight_out_in
+from psoft_export.errors import UserInputError
+from psoft_export.subspace import principal_subspace, psoft_factors
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+META_FILE = "psoft_export.json"
+OURS_FILE = "psoft_export.safetensors"
+DECOMPOSITION_DIR = "decomposition"
+FORMAT = "psoft-export/adapter/1"
+PREFIX = "base_model.model."
+MODULE_KEY = {"PSOFT": "psoft_R", "OFT": "oft_R"}
+MethodConfig = Union[PsoftConfig, OftConfig]
+
+
+# ---------------------------------------------------------------- configs: ours <-> PEFT's adapter_config.json
+
+def peft_config(cfg: MethodConfig, targets: list[str], fan_in_fan_out: bool, task_type: Optional[str],
+                modules_to_save: list[str], base_model: str) -> dict:
+    """The ``adapter_config.json`` PEFT 0.21 writes for the same adapter."""
+    common = {
+        "base_model_name_or_path": base_model, "target_modules": sorted(targets), "task_type": task_type,
+        "modules_to_save": modules_to_save or None, "fan_in_fan_out": fan_in_fan_out, "inference_mode": True,
+        "init_weights": True, "exclude_modules": None, "layers_pattern": None, "layers_to_transform": None,
+        "revision": None, "peft_version": "0.21.2",
+    }
+    if isinstance(cfg, PsoftConfig):
+        alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
+        return {**common, "peft_type": "PSOFT", "r": cfg.rank, "psoft_alpha": alpha, "psoft_dropout": cfg.dropout,
+                "ab_svd_init": f"{cfg.init}_init", "psoft_svd": "full", "psoft_svd_lowrank_niter": cfg.niter,
+                "random_seed": cfg.seed, "psoft_orth": cfg.orth, "psoft_mag_a": cfg.vector_a,
+                "psoft_mag_b": cfg.vector_b, "use_cayley_neumann": cfg.cayley == "neumann",
+                "num_cayley_neumann_terms": cfg.neumann_terms, "cayley_neumann_eps": cfg.neumann_eps}
+    return {**common, "peft_type": "OFT", "r": 0, "oft_block_size": cfg.block_size, "module_dropout": 0.0,
+            "bias": "none", "coft": False, "eps": 6e-05, "block_share": cfg.block_share,
+            "use_cayley_neumann": cfg.cayley == "neumann", "num_cayley_neumann_terms": cfg.neumann_terms}
+
+
+def method_config(peft: dict, where: str = "adapter") -> MethodConfig:
+    """Our config from a PEFT ``adapter_config.json`` dict (PSOFT or OFT); anything else is refused."""
+    kind = peft.get("peft_type")
+    cayley = "neumann" if peft.get("use_cayley_neumann") else "exact"
+    if kind == "PSOFT":
+        return PsoftConfig(
+            rank=int(peft["r"]), alpha=float(peft.get("psoft_alpha", peft["r"])),
+            init=str(peft.get("ab_svd_init", "psoft_init")).removesuffix("_init"), svd=peft.get("psoft_svd", "full"),
+            niter=int(peft.get("psoft_svd_lowrank_niter", 10)), seed=int(peft.get("random_seed", 0)), cayley=cayley,
+            neumann_terms=int(peft.get("num_cayley_neumann_terms", 5)), neumann_eps=peft.get("cayley_neumann_eps"),
+            vector_a=bool(peft.get("psoft_mag_a", True)), vector_b=bool(peft.get("psoft_mag_b", True)),
+            orth=bool(peft.get("psoft_orth", True)), dropout=float(peft.get("psoft_dropout", 0.0)))
+    if kind == "OFT":
+        if peft.get("coft"):
+            raise UserInputError(f"{where}: constrained OFT (coft=true) is not supported: retrain with coft=false")
+        if not peft.get("oft_block_size"):
+            raise UserInputError(f"{where}: OFT adapters sized by r (blocks per layer) are not supported: use oft_block_size")
+        return OftConfig(block_size=int(peft["oft_block_size"]), cayley=cayley,
+                         neumann_terms=int(peft.get("num_cayley_neumann_terms", 5)),
+                         block_share=bool(peft.get("block_share", False)))
+    raise UserInputError(f"{where} is a {kind or 'unknown'} adapter: psoft-export reads PSOFT and OFT adapters only")
+
+
+# ---------------------------------------------------------------- PEFT's basis for PSOFT
+
+def peft_basis_change(layer: PsoftLinear) -> torch.Tensor:
+    """``O`` ``(r, r)`` with ``A_peft ~= O A_ours``: PEFT's full SVD of this weight (on this machine) vs our subspace."""
+    cfg = layer.config
+    sub = principal_subspace(weight_out_in(layer.base_layer).detach().float(), cfg.rank, svd="full")
+    A_peft, _ = psoft_factors(sub, cfg.scaling, cfg.init)
+    return F.normalize(A_peft.double(), dim=1) @ F.normalize(layer.A.double(), dim=1).T
+
+
+def _conjugate(layer: PsoftLinear, O: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
+    """The layer's trainable tensors expressed in the basis ``O``: ``R' = O R O^T``."""
+    signs = torch.sign(O.diagonal())
+    is_signed_identity = float((O - torch.diag(signs)).abs().max()) < 1e-3
+    vectors = [v for v in (layer.vector_a, layer.vector_b) if v is not None]
+    if not is_signed_identity and any(float((v - 1).abs().max()) > 0 for v in vectors):
+        raise UserInputError(
+            f"{name}: PEFT's SVD spans this subspace with another basis (repeated singular values) and the trained "
+            "vectors cannot be carried over: use psoft-export's own loader for this adapter"
+        )
+    O = torch.diag(signs) if is_signed_identity else O
+    q = layer.q.detach().double()
+    r = layer.rank
+    if layer.config.orth:
+        Q = O @ skew_symmetric(q, r) @ O.T
+        rows, cols = torch.triu_indices(r, r, 1)
+        q = Q[rows, cols]
+    else:
+        q = O @ q @ O.T
+    out = {"weight": q.to(layer.q.dtype)}
+    for attr in ("vector_a", "vector_b"):
+        if getattr(layer, attr) is not None:
+            out[attr] = getattr(layer, attr).detach().clone()
+    return out
+
+
+def peft_tensors(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under PEFT's key names (PSOFT aligned to PEFT's SVD basis, OFT exact mode negated)."""
+    out = {}
+    for name, layer in layers.items():
+        if isinstance(layer, PsoftLinear):
+            for attr, t in _conjugate(layer, peft_basis_change(layer), name).items():
+                out[f"{PREFIX}{name}.psoft_R.{attr}"] = t
+        else:
+            sign = -1.0 if layer.config.cayley == "exact" else 1.0  # PEFT's exact OFT is cayley(-Q)
+            out[f"{PREFIX}{name}.oft_R.weight"] = sign * layer.q.detach()
+    return out
+
+
+# ---------------------------------------------------------------- write
+
+def save_adapter(out_dir: Path, model: nn.Module, cfg: MethodConfig, *, base_model: str, task: str = "causal",
+                 classes: Optional[list] = None, heads: Optional[list[str]] = None, extra: Optional[dict] = None) -> None:
+    """Write the adapter files of ``model`` (which carries injected layers) into the existing ``out_dir``.
+
+    ``heads`` are module names saved whole (a new classification head). The decomposition, when PSOFT, is
+    written by the caller into ``out_dir/decomposition``. Files are written to temporary names and renamed.
+    """
+    layers = adapter_layers(model)
+    heads = heads or []
+    tensors = {k: v.contiguous() for k, v in peft_tensors(layers).items()}
+    for head in heads:
+        for p_name, t in model.get_submodule(head).state_dict().items():
+            tensors[f"{PREFIX}{head}.{p_name}"] = t.detach().contiguous()
+    ours = {f"{n}.{p}": t.detach().contiguous() for n, l in layers.items() for p, t in l.named_parameters(recurse=False)}
+    fan = any(is_fan_in_fan_out(l.base_layer) for l in layers.values())
+    task_type = "SEQ_CLS" if task == "classify" else "CAUSAL_LM"
+    config = peft_config(cfg, sorted({n.rsplit(".", 1)[-1] for n in layers}), fan, task_type, heads, base_model)
+    meta = {"format": FORMAT, "method": "psoft" if isinstance(cfg, PsoftConfig) else "oft", "config": cfg.to_dict(),
+            "targets": list(layers), "task": task, "classes": classes, "heads": heads,
+            "versions": {"psoft_export": __version__, "torch": torch.__version__}, **(extra or {})}
+    _atomic(out_dir / OURS_FILE, lambda p: save_file(ours, str(p), metadata={"format": FORMAT}))
+    _atomic(out_dir / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _atomic(out_dir / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2, default=str) + "\n"))
+    _atomic(out_dir / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- read
+
+def read_config(adapter_dir: Path) -> dict:
+    adapter_dir = Path(adapter_dir)
+    if not (adapter_dir / CONFIG_FILE).is_file():
+        raise UserInputError(f"{adapter_dir} is not an adapter directory (no {CONFIG_FILE}): pass the directory 'train' wrote")
+    try:
+        return json.loads((adapter_dir / CONFIG_FILE).read_text())
+    except ValueError as exc:
+        raise UserInputError(f"{adapter_dir / CONFIG_FILE} is not valid JSON ({exc}): re-save the adapter") from None
+
+
+def read_meta(adapter_dir: Path) -> Optional[dict]:
+    path = Path(adapter_dir) / META_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserInputError(f"{path} is missing: the adapter directory is incomplete")
+    try:
+        with safe_open(str(path), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as exc:  # safetensors raises several types for a damaged file
+        raise UserInputError(f"{path} is not a readable safetensors file ({exc}): re-save the adapter") from None
+
+
+def _targets_from_keys(keys, module_key: str) -> list[str]:
+    marker = f".{module_key}."
+    names = {k[len(PREFIX):k.index(marker)] for k in keys if marker in k and k.startswith(PREFIX)}
+    return sorted(names)
+
+
+def load_adapter(model: nn.Module, adapter_dir: Path, model_dir: Optional[Path] = None) -> dict[str, nn.Module]:
+    """Inject the adapter stored in ``adapter_dir`` (ours or PEFT's) into ``model`` and return its layers.
+
+    Our directories load the stored subspace (checked against ``model_dir``'s weights when given); PEFT's
+    directories are read as PEFT reads them.
+    """
+    from psoft_export.decompose import Decomposition
+
+    adapter_dir = Path(adapter_dir)
+    peft = read_config(adapter_dir)
+    cfg = method_config(peft, str(adapter_dir))
+    meta = read_meta(adapter_dir)
+    tensors = _read_tensors(adapter_dir / WEIGHTS_FILE)
+    targets = _targets_from_keys(tensors, MODULE_KEY[peft["peft_type"]])
+    if not targets:
+        raise UserInputError(f"{adapter_dir / WEIGHTS_FILE} holds no {peft['peft_type']} tensors: the file does not match its config")
+    _check_targets_exist(model, targets, adapter_dir)
+    factors = None
+    if meta is not None and isinstance(cfg, PsoftConfig):
+        decomposition = Decomposition.load(adapter_dir / DECOMPOSITION_DIR)
+        if model_dir is not None:
+            decomposition.check_source(model_dir)
+        factors = decomposition.factors()
+    layers = inject(model, cfg, targets, factors)
+    if meta is not None:
+        _load_ours(layers, _read_tensors(adapter_dir / OURS_FILE), adapter_dir)
+    else:
+        _load_peft(layers, tensors, adapter_dir)
+    _load_heads(model, tensors, peft.get("modules_to_save") or [], adapter_dir)
+    return layers
+
+
+def _check_targets_exist(model: nn.Module, targets: list[str], adapter_dir: Path) -> None:
+    names = dict(model.named_modules())
+    missing = [t for t in targets if t not in names]
+    if missing:
+        raise UserInputError(
+            f"adapter {adapter_dir} targets {missing[0]} ({len(missing)} missing), which this model does not have: "
+            "it was trained on another architecture"
+        )
+
+
+def _copy(param: torch.Tensor, value: torch.Tensor, what: str) -> None:
+    if tuple(param.shape) != tuple(value.shape):
+        raise UserInputError(
+            f"{what} has shape {tuple(value.shape)} but the model needs {tuple(param.shape)}: "
+            "the adapter was trained on another model or rank"
+        )
+    with torch.no_grad():
+        param.copy_(value.to(param.dtype))
+
+
+def _load_ours(layers: dict[str, nn.Module], tensors: dict[str, torch.Tensor], adapter_dir: Path) -> None:
+    for name, layer in layers.items():
+        for p_name, param in layer.named_parameters(recurse=False):
+            key = f"{name}.{p_name}"
+            if key not in tensors:
+                raise UserInputError(f"{adapter_dir / OURS_FILE} has no {key}: the adapter directory is incomplete")
+            _copy(param, tensors[key], f"{adapter_dir.name}:{key}")
+
+
+def _load_peft(layers: dict[str, nn.Module], tensors: dict[str, torch.Tensor], adapter_dir: Path) -> None:
+    for name, layer in layers.items():
+        if isinstance(layer, OftLinear):
+            sign = -1.0 if layer.config.cayley == "exact" else 1.0  # PEFT's exact OFT is cayley(-Q)
+            _copy(layer.q, sign * tensors[f"{PREFIX}{name}.oft_R.weight"], f"{name}.oft_R.weight")
+            continue
+        _copy(layer.q, tensors[f"{PREFIX}{name}.psoft_R.weight"], f"{name}.psoft_R.weight")
+        for attr in ("vector_a", "vector_b"):
+            if getattr(layer, attr) is not None:
+                _copy(getattr(layer, attr), tensors[f"{PREFIX}{name}.psoft_R.{attr}"], f"{name}.psoft_R.{attr}")
+
+
+def _load_heads(model: nn.Module, tensors: dict[str, torch.Tensor], heads: list[str], adapter_dir: Path) -> None:
+    modules = dict(model.named_modules())
+    for head in heads:
+        names = [n for n in modules if n == head or n.endswith(f".{head}")]
+        for name in names:
+            state = {k[len(PREFIX) + len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{PREFIX}{name}.")}
+            if not state:
+                continue
+            try:
+                modules[name].load_state_dict(state)
+            except RuntimeError as exc:
+                raise UserInputError(f"{adapter_dir}: saved head {name} does not fit this model ({str(exc).splitlines()[0]})") from None
+

@@ -1,0 +1,464 @@
+"""``psoft-export train``: one plain training loop for PSOFT and OFTv2 adapters, readable top to bottom.
+
+AdamW (fused on CUDA), linear warmup then cosine decay (a pure function of the step), gradient clipping and
+accumulation, bf16/fp16 autocast on GPU, optional gradient checkpointing, eval loss, a JSONL log and a loss
+curve. Checkpoints hold everything needed to resume (adapter, heads, optimizer, RNG, step), are written
+atomically, and a resumed run on CPU reproduces the uninterrupted run's losses bit for bit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from psoft_export import adapter_io, data as data_mod
+from psoft_export.adapters import OftConfig, PsoftConfig, adapter_layers, inject, parse_targets, select_targets
+from psoft_export.adapters.cayley import orthogonality_error
+from psoft_export.atomic import check_output_dir
+from psoft_export.checkpoint import load_config
+from psoft_export.decompose import Decomposition, resolve_device
+from psoft_export.errors import PsoftExportError, UserInputError
+
+CHECKPOINTS = "checkpoints"
+LOG_FILE = "train_log.jsonl"
+PLOT_FILE = "loss.png"
+KEEP_CHECKPOINTS = 2
+ENCODERS = ("bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta")
+
+
+class TrainingDiverged(PsoftExportError):
+    exit_code = 1
+
+
+class Interrupted(PsoftExportError):
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; stored in each checkpoint so ``--resume`` continues the same run."""
+
+    method: str = field(default="psoft", metadata={"help": "psoft or oft."})
+    rank: int = field(default=32, metadata={"help": "PSOFT rank r."})
+    alpha: Optional[float] = field(default=None, metadata={"help": "PSOFT scaling numerator (default: r)."})
+    block_size: int = field(default=32, metadata={"help": "OFT block size b."})
+    targets: str = field(default="all-linear", metadata={"help": "all-linear, names (q_proj,v_proj) or a regex."})
+    steps: Optional[int] = field(default=None, metadata={"help": "Optimizer steps (default: one epoch)."})
+    epochs: Optional[float] = field(default=None, metadata={"help": "Epochs, when --steps is not given."})
+    lr: float = field(default=2e-3, metadata={"help": "Peak learning rate."})
+    batch_size: int = field(default=8, metadata={"help": "Rows per micro-batch."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    seq_len: int = field(default=256, metadata={"help": "Tokens per packed block / row."})
+    cayley: Optional[str] = field(default=None, metadata={"help": "exact or neumann (default: psoft exact, oft neumann)."})
+    neumann_terms: int = field(default=6, metadata={"help": "Cayley-Neumann terms (even keeps R orthogonal)."})
+    vectors: bool = field(default=True, metadata={"help": "PSOFT tunable vectors on both sides of R."})
+    svd: str = field(default="lowrank", metadata={"help": "SVD backend when train decomposes itself."})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
+    grad_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    warmup: float = field(default=0.05, metadata={"help": "Warmup as a fraction of the steps."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: off)."})
+    save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: only at the end)."})
+    eval_every: int = field(default=0, metadata={"help": "Eval loss every N steps (0: only at the end)."})
+    log_every: int = field(default=1, metadata={"help": "Log line every N steps."})
+    seed: int = field(default=0, metadata={"help": "Seed of data order, dropout and heads."})
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.method in ("psoft", "oft"), f"method must be psoft or oft, got {self.method!r}"),
+            (self.steps is None or self.steps > 0, f"--steps must be > 0, got {self.steps}"),
+            (self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}"),
+            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}"),
+            (self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}"),
+            (self.grad_accum > 0, f"--grad-accum must be > 0, got {self.grad_accum}"),
+            (self.seq_len >= 2, f"--seq-len must be >= 2, got {self.seq_len}"),
+            (self.precision in ("auto", "fp32", "bf16", "fp16"), f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}"),
+            (0 <= self.warmup < 1, f"warmup must be a fraction in [0, 1), got {self.warmup}"),
+            (self.save_every >= 0 and self.eval_every >= 0, "--save-every and --eval-every must be >= 0"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserInputError(message)
+
+    def method_config(self) -> PsoftConfig | OftConfig:
+        if self.method == "psoft":
+            return PsoftConfig(rank=self.rank, alpha=float(self.alpha or self.rank), svd=self.svd,
+                               cayley=self.cayley or "exact", neumann_terms=self.neumann_terms,
+                               vector_a=self.vectors, vector_b=self.vectors)
+        return OftConfig(block_size=self.block_size, cayley=self.cayley or "neumann", neumann_terms=self.neumann_terms)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
+    """Linear warmup over ``warmup * total`` steps, then cosine decay to 0 at ``total``."""
+    warm = int(warmup * total)
+    if step < warm:
+        return peak * (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# ---------------------------------------------------------------------------------------------- setup
+
+@dataclass
+class Run:
+    """What the loop works on, built and validated before anything is written."""
+
+    cfg: TrainConfig
+    model: nn.Module
+    tokenizer: object
+    train_set: data_mod.Dataset
+    eval_set: Optional[data_mod.Dataset]
+    device: str
+    dtype: Optional[torch.dtype]
+    heads: list[str]
+    total_steps: int
+    decomposition: Optional[Decomposition]
+
+
+def _precision(precision: str, device: str) -> Optional[torch.dtype]:
+    if precision == "auto":
+        precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if precision != "fp32" and device != "cuda":
+        raise UserInputError(f"--precision {precision} needs a CUDA device: use --precision fp32 on CPU")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _load_model(model_dir: Path, kind: str, classes: list, tokenizer, dtype, device: str) -> tuple[nn.Module, list[str]]:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = load_config(model_dir)
+    base_dtype = dtype if dtype is not None else torch.float32
+    if kind == "classify":
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=len(classes), dtype=base_dtype, output_loading_info=True)
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        # Modules the checkpoint did not have (the new head, BERT's pooler) are trained and saved with the adapter.
+        heads = sorted({k.rsplit(".", 1)[0] for k in info["missing_keys"]})
+        heads = [h for h in heads if not any(h.startswith(o + ".") for o in heads)]
+    else:
+        if config.model_type in ENCODERS:
+            raise UserInputError(
+                f"{model_dir} is an encoder ({config.model_type}): train it on {{\"text\", \"label\"}} data "
+                "(sequence classification), not language-modelling text")
+        model, heads = AutoModelForCausalLM.from_pretrained(model_dir, dtype=base_dtype), []
+    for head in heads:
+        model.get_submodule(head).float()
+    return model.to(device), heads
+
+
+def prepare(model_dir: str | Path, data: str | Path, cfg: TrainConfig, decomposition: Optional[str | Path] = None,
+            eval_data: Optional[str | Path] = None, decompose_into: Optional[Path] = None) -> Run:
+    """Validate every input and build the adapted model; raises :class:`UserInputError` before any output.
+
+    PSOFT without ``decomposition`` decomposes the model into ``decompose_into`` (the same code as the
+    ``decompose`` command) once the cheap checks have passed.
+    """
+    from transformers import AutoTokenizer
+
+    from psoft_export.decompose import decompose
+
+    model_dir = Path(model_dir)
+    load_config(model_dir)
+    kind, records = data_mod.read_jsonl(data)
+    eval_records = data_mod.read_jsonl(eval_data) if eval_data else None
+    if eval_records and eval_records[0] != kind:
+        raise UserInputError(f"--eval-data is {eval_records[0]} data but --data is {kind} data: use the same kind")
+    method_cfg = cfg.method_config()
+    if cfg.method == "psoft" and decomposition is None and decompose_into is not None:
+        decomposition = decompose(model_dir, decompose_into, cfg.rank, targets=parse_targets(cfg.targets),
+                                  svd=cfg.svd, alpha=cfg.alpha, seed=cfg.seed).path
+    decomp = None
+    if decomposition is not None:
+        if cfg.method != "psoft":
+            raise UserInputError("--decomposition is for --method psoft: OFT needs no subspace")
+        decomp = Decomposition.load(decomposition)
+        decomp.check_source(model_dir)
+        if decomp.manifest["rank"] != cfg.rank:
+            raise UserInputError(f"decomposition {decomposition} has rank {decomp.manifest['rank']} but --rank is "
+                                 f"{cfg.rank}: drop --rank or re-run decompose")
+    device = resolve_device(cfg.device)
+    dtype = _precision(cfg.precision, device)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    classes = data_mod.class_names(records) if kind == "classify" else None
+    train_set = data_mod.tokenize(records, kind, tokenizer, cfg.seq_len, classes)
+    eval_set = data_mod.tokenize(eval_records[1], kind, tokenizer, cfg.seq_len, classes) if eval_records else None
+    torch.manual_seed(cfg.seed)  # new heads are initialized from this seed
+    model, heads = _load_model(model_dir, kind, classes, tokenizer, dtype, device)
+    inject(model, method_cfg, _targets(model, cfg, decomp, heads), decomp.factors(device) if decomp is not None else None)
+    for head in heads:
+        model.get_submodule(head).requires_grad_(True)
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    per_epoch = math.ceil(len(train_set) / cfg.batch_size / cfg.grad_accum)
+    total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * per_epoch))
+    return Run(cfg, model, tokenizer, train_set, eval_set, device, dtype, heads, total, decomp)
+
+
+def _targets(model: nn.Module, cfg: TrainConfig, decomp: Optional[Decomposition], heads: list[str]) -> list[str]:
+    """The modules to adapt: ``--targets`` on this model (or, by default, what the decomposition covers), never
+    a module inside a new head (a decomposition of a masked-LM checkpoint also covers its LM head)."""
+    names = set(dict(model.named_modules()))
+    if decomp is not None and cfg.targets == "all-linear":
+        chosen = [t for t in decomp.targets if t in names]
+    else:
+        chosen = select_targets(model, parse_targets(cfg.targets))
+    return [t for t in chosen if not any(t == h or t.startswith(h + ".") for h in heads)]
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+def _checkpoint_paths(out_dir: Path) -> list[Path]:
+    return sorted((out_dir / CHECKPOINTS).glob("step-*.pt"))
+
+
+def save_checkpoint(out_dir: Path, run: Run, optimizer, step: int, history: list[dict]) -> Path:
+    """``checkpoints/step-NNNNNNN.pt`` written to a temporary name and renamed; keeps the newest few."""
+    trainable = {n: p.detach().cpu() for n, p in run.model.named_parameters() if p.requires_grad}
+    state = {"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(), "history": history,
+             "rng": torch.get_rng_state(), "config": asdict(run.cfg),
+             "cuda_rng": torch.cuda.get_rng_state() if run.device == "cuda" else None}
+    folder = out_dir / CHECKPOINTS
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step-{step:07d}.pt"
+    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    for old in _checkpoint_paths(out_dir)[:-KEEP_CHECKPOINTS]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def load_checkpoint(out_dir: Path, cfg: TrainConfig) -> dict:
+    paths = _checkpoint_paths(out_dir)
+    if not paths:
+        raise UserInputError(f"--resume: {out_dir} has no checkpoints: start without --resume")
+    state = torch.load(paths[-1], map_location="cpu", weights_only=True)
+    stored = TrainConfig(**state["config"])
+    ignore = {"save_every", "eval_every", "log_every", "device", "grad_checkpointing"}
+    changed = [f.name for f in fields(TrainConfig) if f.name not in ignore and getattr(stored, f.name) != getattr(cfg, f.name)]
+    if changed:
+        raise UserInputError(f"--resume: {', '.join('--' + c.replace('_', '-') for c in changed)} differ from the "
+                             "interrupted run: resume with the same options")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+
+class _Signals:
+    """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the step and exits 130/143."""
+
+    def __init__(self):
+        self.received: Optional[int] = None
+
+    def __enter__(self):
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def _autocast(run: Run):
+    if run.dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=run.device, dtype=run.dtype)
+
+
+def _to(batch: dict, device: str) -> dict:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(run: Run, data: data_mod.Dataset) -> float:
+    """Mean loss over ``data`` (token-weighted for language modelling, row-weighted for classification)."""
+    run.model.eval()
+    total, count = 0.0, 0
+    for rows in data_mod.batches(data, run.cfg.batch_size, seed=0, epoch=0):
+        batch = _to(data_mod.collate([data.rows[i] for i in rows], run.tokenizer.pad_token_id), run.device)
+        with _autocast(run):
+            loss = run.model(**batch).loss.float()
+        n = len(rows) if data.kind == "classify" else int((batch["labels"][:, 1:] != data_mod.IGNORE).sum())
+        total, count = total + float(loss) * n, count + n
+    run.model.train()
+    return total / max(count, 1)
+
+
+def orthogonality(model: nn.Module) -> float:
+    """Largest ``||R^T R - I||_F`` over the adapter's rotations (what the Cayley-Neumann series leaves)."""
+    worst = 0.0
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            R = layer.rotation_blocks() if hasattr(layer, "rotation_blocks") else _pure_rotation(layer)
+            worst = max(worst, float(orthogonality_error(R).max()))
+    return worst
+
+
+def _pure_rotation(layer) -> torch.Tensor:
+    from psoft_export.adapters import cayley as cay
+
+    c = layer.config
+    return cay.orthogonal(layer.q, c.rank, c.cayley, c.neumann_terms, c.neumann_eps) if c.orth else layer.q
+
+
+def train_loop(run: Run, out_dir: Path, resume: bool = False, progress: Optional[Callable] = None,
+               on_log: Optional[Callable[[dict], None]] = None) -> dict:
+    """Run the optimisation, checkpointing into ``out_dir/checkpoints``; return the summary."""
+    cfg, model = run.cfg, run.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=run.device == "cuda")
+    scaler = torch.amp.GradScaler("cuda") if run.dtype == torch.float16 else None
+    start, history = 0, []
+    if resume:
+        state = load_checkpoint(out_dir, cfg)
+        named = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                named[name].copy_(value)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        if state["cuda_rng"] is not None and run.device == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        start, history = state["step"], state["history"]
+    else:
+        torch.manual_seed(cfg.seed)
+    batches = data_mod.iterate(run.train_set, cfg.batch_size, cfg.seed, run.tokenizer.pad_token_id,
+                               start=start * cfg.grad_accum)
+    model.train()
+    steps = range(start, run.total_steps)
+    bar = progress(steps) if progress else steps
+    last_good = _checkpoint_paths(out_dir)[-1] if resume else None
+    with _Signals() as signals:
+        for step in bar:
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, run.total_steps, cfg.lr, cfg.warmup)
+            loss_sum, tokens = 0.0, 0
+            for _ in range(cfg.grad_accum):
+                batch = _to(next(batches), run.device)
+                with _autocast(run):
+                    loss = model(**batch).loss
+                if not torch.isfinite(loss):
+                    kept = f"last good checkpoint {last_good}" if last_good else "no checkpoint was written yet"
+                    raise TrainingDiverged(f"loss became {float(loss)} at step {step + 1}; {kept}: lower --lr "
+                                           "(or use --cayley exact) and run again with --resume")
+                loss = loss / cfg.grad_accum
+                (scaler.scale(loss) if scaler else loss).backward()
+                loss_sum += float(loss.detach())
+                tokens += int(batch["attention_mask"].sum())
+            if scaler:
+                scaler.unscale_(optimizer)
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds = time.perf_counter() - t0
+            record = {"step": step + 1, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"],
+                      "grad_norm": float(norm), "tokens_per_s": tokens / seconds, "seconds": seconds}
+            done = step + 1 == run.total_steps
+            if run.eval_set is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
+                record["eval_loss"] = evaluate(run, run.eval_set)
+            if (step + 1) % cfg.log_every == 0 or done:
+                record["orthogonality_error"] = orthogonality(model)
+            history.append(record)
+            if on_log:
+                on_log(record)
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or signals.received:
+                last_good = save_checkpoint(out_dir, run, optimizer, step + 1, history)
+            if signals.received:
+                code = 130 if signals.received == signal.SIGINT else 143
+                raise Interrupted(f"interrupted at step {step + 1}; checkpoint {last_good} written: "
+                                  "continue with --resume", code)
+    return {"steps": run.total_steps, "history": history}
+
+
+# ---------------------------------------------------------------------------------------------- the verb
+
+def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
+          decomposition: Optional[str | Path] = None, eval_data: Optional[str | Path] = None,
+          resume: bool = False, overwrite: bool = False, progress: Optional[Callable] = None,
+          on_log: Optional[Callable[[dict], None]] = None) -> dict:
+    """Train an adapter of ``model_dir`` on ``data`` and write the adapter directory ``out_dir``.
+
+    The adapter's subspace lives in ``out_dir/decomposition``: a copy of ``decomposition`` or computed here.
+    Bad input fails before ``out_dir`` exists; a failed run keeps its checkpoints for ``--resume``.
+    """
+    out_dir = Path(out_dir).absolute()
+    stored = out_dir / adapter_io.DECOMPOSITION_DIR
+    if resume:
+        if not out_dir.is_dir():
+            raise UserInputError(f"--resume: {out_dir} does not exist: start without --resume")
+        run = prepare(model_dir, data, cfg, stored if cfg.method == "psoft" else None, eval_data)
+    else:
+        check_output_dir(out_dir, overwrite)
+        staging = out_dir.with_name(f".{out_dir.name}.decomposition-{os.getpid()}")
+        try:
+            run = prepare(model_dir, data, cfg, decomposition, eval_data, decompose_into=staging)
+            if out_dir.exists():
+                shutil.rmtree(out_dir)
+            out_dir.mkdir(parents=True)
+            if cfg.method == "psoft":
+                shutil.copytree(decomposition, stored) if decomposition is not None else os.replace(staging, stored)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    summary = train_loop(run, out_dir, resume, progress, on_log)
+    history = summary["history"]
+    _write_log(out_dir, history)
+    extra = {"train": {**asdict(cfg), "steps": run.total_steps, "final_loss": history[-1]["loss"],
+                       "eval_loss": history[-1].get("eval_loss")}}
+    adapter_io.save_adapter(out_dir, run.model, cfg.method_config(), base_model=str(model_dir), task=run.train_set.kind,
+                            classes=run.train_set.labels or None, heads=run.heads, extra=extra)
+    _plot(history, out_dir / PLOT_FILE)
+    return {"output": str(out_dir), "steps": run.total_steps, "first_loss": history[0]["loss"],
+            "final_loss": history[-1]["loss"], "eval_loss": history[-1].get("eval_loss"),
+            "trainable_parameters": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
+            "seconds": sum(h["seconds"] for h in history), "device": run.device}
+
+
+def _write_log(out_dir: Path, history: list[dict]) -> None:
+    text = "".join(json.dumps(h) + "\n" for h in history)
+    tmp = out_dir / f".{LOG_FILE}.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, out_dir / LOG_FILE)
+
+
+def _plot(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
+    evals = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -244,6 +244,19 @@ def load_adapter(model: nn.Module, adapter_dir: Path, model_dir: Optional[Path] 
     return layers
 
 
+def head_tensors(adapter_dir: Path, head: str) -> dict[str, torch.Tensor]:
+    """The saved tensors of whole module ``head`` (PEFT keys), e.g. a classifier copied into a LoRA directory."""
+    tensors = _read_tensors(Path(adapter_dir) / WEIGHTS_FILE)
+    return {k: v for k, v in tensors.items() if k.startswith(PREFIX) and (f".{head}." in k or k.startswith(f"{PREFIX}{head}."))}
+
+
+def load_heads(model: nn.Module, adapter_dir: Path) -> None:
+    """Load only the saved whole modules (a classification head) of ``adapter_dir`` into ``model``."""
+    adapter_dir = Path(adapter_dir)
+    heads = read_config(adapter_dir).get("modules_to_save") or []
+    _load_heads(model, _read_tensors(adapter_dir / WEIGHTS_FILE), heads, adapter_dir)
+
+
 def _check_targets_exist(model: nn.Module, targets: list[str], adapter_dir: Path) -> None:
     names = dict(model.named_modules())
     missing = [t for t in targets if t not in names]

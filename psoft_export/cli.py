@@ -57,14 +57,6 @@ def cli(debug: bool) -> None:
     """
 
 
-def _planned(command: str, issue: int) -> None:
-    raise NotAvailable(f"'psoft-export {command}' is not available in {__version__} yet (planned, issue #{issue})")
-
-
-class NotAvailable(PsoftExportError):
-    exit_code = 2
-
-
 @cli.command(context_settings=CONTEXT)
 @click.argument("model_dir", type=click.Path())
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Decomposition directory to write.")
@@ -185,26 +177,80 @@ def train(model_dir, data, out_dir, decomposition, no_vectors, eval_data, resume
                f"{summary['trainable_parameters']:,} trainable parameters -> {summary['output']}")
 
 
+def _print_report(report: dict) -> None:
+    for name, o in report["outputs"].items():
+        status = "ok" if o["rel_err"] <= report["tolerance"] else "FAIL"
+        click.echo(f"  {name}: max abs err {o['max_abs_err']:.3e}, rel err {o['rel_err']:.3e} "
+                   f"(tolerance {report['tolerance']:.0e}) {status}")
+
+
 @cli.command(context_settings=CONTEXT)
 @click.argument("model_dir", type=click.Path())
-@click.option("--adapter", required=True, type=click.Path(), help="Adapter directory (ours or PEFT's).")
+@click.option("--adapter", "adapter_dir", required=True, type=click.Path(), help="Adapter directory (ours or PEFT's).")
 @click.option("--to", "fmt", required=True, help="Export format: safetensors, onnx or gguf.")
 @click.option("--split", is_flag=True, help="Write the base and the adapter separately (LoRA form for PSOFT).")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Output directory.")
+@click.option("--dtype", default="float32", show_default=True, help="float32, float16 or bfloat16 (per format).")
+@click.option("--quant", default=None, help="GGUF quantization of the 2-D weights: q8_0.")
+@click.option("--lora-rank", type=int, default=None, help="OFT to a LoRA-only target: rank of the truncated-SVD approximation.")
+@click.option("--no-verify", is_flag=True, help="Skip running the export in its runtime against PyTorch.")
+@click.option("--inputs", type=click.Path(), default=None, help="JSONL of {\"text\"} to verify on (default: fixed sentences).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @handle_errors
-def merge(**kwargs) -> None:
-    """Fold the rotations into the weights and export (safetensors, ONNX, GGUF), verified against PyTorch."""
-    _planned("merge", 5)
+def merge(model_dir, adapter_dir, fmt, split, out_dir, dtype, quant, lora_rank, no_verify, inputs, overwrite,
+          as_json) -> None:
+    """Fold the rotations into the weights and export (safetensors, ONNX, GGUF), verified against PyTorch.
+
+    \b
+    merged (default)  safetensors: HF model dir | onnx: optimum export with KV cache | gguf: model.gguf
+    --split           safetensors: adapter/ + lora/ | onnx: model.onnx + adapter.onnx_adapter
+                      | gguf: model.gguf + adapter.gguf (llama.cpp LoRA)
+    The export is written to a temporary directory and renamed only after verification passes.
+    """
+    import json
+
+    from psoft_export.merge import merge as run
+    from psoft_export.verify import read_inputs
+
+    summary = run(model_dir, adapter_dir, out_dir, fmt, split=split, dtype=dtype, quant=quant, lora_rank=lora_rank,
+                  verify=not no_verify, overwrite=overwrite, texts=read_inputs(inputs))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    kind = "split" if split else "merged"
+    click.echo(f"exported {kind} {fmt} ({quant or dtype}) -> {summary['output']}: {', '.join(summary['files'])}")
+    if summary["lora_approximation"]:
+        click.echo(f"  rank-{lora_rank} LoRA approximation of OFT: max relative weight error "
+                   f"{summary['lora_approximation']['max_rel_err']:.3e}")
+    if summary["verification"]:
+        _print_report(summary["verification"])
 
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("export_dir", type=click.Path())
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="The base model directory.")
-@click.option("--adapter", required=True, type=click.Path(), help="The adapter the export was made from.")
+@click.option("--adapter", "adapter_dir", required=True, type=click.Path(), help="The adapter the export was made from.")
+@click.option("--inputs", type=click.Path(), default=None, help="JSONL of {\"text\"} to verify on (default: fixed sentences).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @handle_errors
-def verify(**kwargs) -> None:
-    """Run an export in its own runtime and compare it with the PyTorch model plus adapter."""
-    _planned("verify", 6)
+def verify(export_dir, model_dir, adapter_dir, inputs, as_json) -> None:
+    """Run an export in its own runtime and compare it with the PyTorch model plus adapter.
+
+    Exit 0 within tolerance, 1 beyond it, 2 for bad input.
+    """
+    import json
+
+    from psoft_export.verify import verify as run
+
+    report = run(export_dir, model_dir, adapter_dir, inputs)
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        click.echo(f"{report.export}: {'ok' if report.ok else 'FAILED'}")
+        _print_report(report.to_dict())
+    if not report.ok:
+        sys.exit(1)
 
 
 def main() -> None:

@@ -1,0 +1,557 @@
+"""GGUF export for llama.cpp: a merged Hugging Face model as a GGUF file, a LoRA-form adapter as a GGUF
+LoRA adapter, and the llama.cpp runtime call that ``verify`` needs.
+
+What llama.cpp (as vendored by llama-cpp-python 0.3.36) expects, and how this module meets it:
+
+- Architectures: HF ``model_type`` ``llama`` and ``mistral`` load as GGUF arch ``llama``, ``qwen2`` as
+  ``qwen2``. Names follow the tables below (``token_embd``, ``blk.N.attn_q`` ...).
+- RoPE layout: llama.cpp runs the ``llama`` arch with "normal" (interleaved-pair) RoPE, while HF rotates
+  the two halves of each head. Its converter therefore reorders the rows of ``q_proj``/``k_proj`` (and
+  their biases) per head: ``[x_0..x_{d/2-1}, y_0..y_{d/2-1}] -> [x_0, y_0, x_1, y_1, ...]``; for ``k``
+  the head count is the KV head count. ``qwen2`` uses NeoX RoPE (same as HF): no reordering. A LoRA
+  update ``B A`` of q/k needs the same row reordering on ``B``.
+- Tied embeddings: ``output.weight`` is optional; when it is absent llama.cpp reuses ``token_embd``.
+  We omit it when ``tie_word_embeddings`` is true (a duplicate would double the file for nothing).
+- Numpy shapes are written reversed as ggml ``ne``: an ``(out, in)`` weight becomes ``ne = [in, out]``.
+- Types: 1-D tensors (norms, biases) stay F32 in every file type, as llama.cpp's converter does. Q8_0
+  needs rows whose length is a multiple of 32; other 2-D tensors fall back to F16 (as llama.cpp does).
+- Tokenizer: byte-level BPE as ``tokenizer.ggml.model = "gpt2"`` with tokens in their byte-level
+  spelling (``Ġthe``), merges as ``"a b"`` strings, and ``tokenizer.ggml.pre`` naming the pre-tokenizer
+  regex; llama.cpp refuses unknown ``pre`` names, and a wrong one silently changes tokenization, so we
+  pick it from the tokenizer.json regex by exact match (table ``PRE_TOKENIZER_NAMES``) and refuse others.
+- LoRA adapter files: ``general.type = "adapter"``, ``adapter.type = "lora"``, float32
+  ``adapter.lora.alpha``, ``general.architecture`` equal to the base's (else "model arch and LoRA arch
+  mismatch"). ``<name>.weight.lora_a`` has numpy shape ``(r, in)`` and ``.lora_b`` ``(out, r)`` (PEFT
+  layout, no transpose); llama.cpp checks ``a.ne[0] == in``, ``b.ne[1] == out`` and ``a.ne[1] == b.ne[0]``
+  ("lora_a tensor is not transposed" otherwise) and scales by ``alpha / r`` with ``r`` read from
+  ``lora_b`` (``alpha == 0`` means scale 1 there, so we refuse it).
+- RoPE scaling: ``linear`` becomes ``rope.scaling.type/factor``; ``llama3`` becomes a ``rope_freqs.weight``
+  tensor of per-frequency divisors (llama.cpp has no llama3 scaling key); other types are refused.
+- Runtime: llama-cpp-python keeps logits only with ``logits_all=True``. Its default F16 KV cache limits
+  agreement with float32 torch to about 1e-3 relative; with the F32 KV cache ``run_logits`` asks for, a
+  float32 file agrees to about 4e-7.
+
+Checked against llama.cpp's own ``convert_hf_to_gguf.py`` (tests, ``--runslow``): same tensors bit for bit
+and the same tokenizer and hyper-parameter keys; it adds only ``general.name``/``size_label`` and
+``tokenizer.ggml.add_sep_token``. Pitfalls met: that converter recognises byte-level tokenizers only by
+the hash of one encoded test string, so it refuses our trained fixture tokenizers, and a tokenizer.json with
+``byte_fallback`` is taken for a sentencepiece ("llama") vocab; safetensors' numpy backend cannot read
+bfloat16 (we read through torch); ``GGUFWriter.add_tensor_info`` reads a ``uint8`` dtype as a byte shape
+(we pass logical shapes with a float dtype); ``Llama(vocab_only=True)`` has no ``add_bos_token()``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QType
+from gguf import GGUFReader, GGUFType, GGUFValueType, GGUFWriter, Keys, LlamaFileType, RopeScalingType, TokenType
+from gguf.constants import GGML_QUANT_SIZES, GGML_QUANT_VERSION
+from gguf.quants import quantize
+from safetensors import safe_open
+
+from psoft_export.errors import UserInputError
+
+# HF config.model_type -> GGUF architecture.
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+
+# GGUF architectures whose q/k rows llama.cpp expects in interleaved-pair RoPE order.
+ROPE_PERMUTED_ARCHS = frozenset({"llama"})
+
+# HF module name -> GGUF tensor base name, one table per GGUF architecture; "{bid}" is the block index.
+LLAMA_NAMES = {
+    "model.embed_tokens": "token_embd",
+    "model.norm": "output_norm",
+    "lm_head": "output",
+    "model.layers.{bid}.input_layernorm": "blk.{bid}.attn_norm",
+    "model.layers.{bid}.self_attn.q_proj": "blk.{bid}.attn_q",
+    "model.layers.{bid}.self_attn.k_proj": "blk.{bid}.attn_k",
+    "model.layers.{bid}.self_attn.v_proj": "blk.{bid}.attn_v",
+    "model.layers.{bid}.self_attn.o_proj": "blk.{bid}.attn_output",
+    "model.layers.{bid}.post_attention_layernorm": "blk.{bid}.ffn_norm",
+    "model.layers.{bid}.mlp.gate_proj": "blk.{bid}.ffn_gate",
+    "model.layers.{bid}.mlp.up_proj": "blk.{bid}.ffn_up",
+    "model.layers.{bid}.mlp.down_proj": "blk.{bid}.ffn_down",
+}
+# Qwen2 has the Llama layout plus q/k/v biases (mapped by the same module names, suffix ".bias").
+QWEN2_NAMES = dict(LLAMA_NAMES)
+NAME_TABLES = {"llama": LLAMA_NAMES, "qwen2": QWEN2_NAMES}
+
+# GGUF base names (without "blk.N.") that a LoRA adapter may target: the linear layers of a block.
+LORA_TARGETS = frozenset({"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"})
+
+# HF tensors that carry no weights llama.cpp needs.
+SKIPPED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
+
+# tokenizer.json Split regex -> llama.cpp `tokenizer.ggml.pre` whose built-in regex is the same
+# expression (llama-vocab.cpp lists the original regex next to each pre-tokenizer type).
+PRE_TOKENIZER_NAMES = {
+    # Llama 3: digits in groups of up to three.
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+": "llama-bpe",
+    # Qwen2: single digits.
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+": "qwen2",
+}
+
+# dtype argument -> (GGML type of 2-D weights, general.file_type).
+DTYPES = {
+    "float32": (QType.F32, LlamaFileType.ALL_F32),
+    "float16": (QType.F16, LlamaFileType.MOSTLY_F16),
+    "bfloat16": (QType.BF16, LlamaFileType.MOSTLY_BF16),
+    "q8_0": (QType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+}
+
+
+@dataclass
+class _Planned:
+    """One tensor to write: its GGUF name, logical numpy shape, GGML type, and how to load it (float32)."""
+
+    name: str
+    shape: tuple[int, ...]
+    qtype: QType
+    load: Callable[[], np.ndarray]
+
+
+# ---------------------------------------------------------------- reading the HF directory
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserInputError(f"{path} not found: pass a Hugging Face model directory")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _gguf_arch(config: dict[str, Any]) -> str:
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise UserInputError(
+            f"GGUF export supports model_type {', '.join(sorted(ARCHITECTURES))}, not {model_type!r}: "
+            "export this model to safetensors or ONNX instead"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def _weight_files(model_dir: Path) -> dict[str, Path]:
+    """HF tensor name -> the safetensors file holding it (single file or sharded index)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = _read_json(index)["weight_map"]
+        return {name: model_dir / file for name, file in weight_map.items()}
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise UserInputError(f"no model.safetensors(.index.json) in {model_dir}: save the model with safetensors")
+    with safe_open(single, framework="pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def _tensor_shape(file: Path, name: str) -> tuple[int, ...]:
+    with safe_open(file, framework="pt") as f:
+        return tuple(f.get_slice(name).get_shape())
+
+
+def _load_float32(file: Path, name: str) -> np.ndarray:
+    # framework="pt": the numpy backend of safetensors cannot read bfloat16.
+    with safe_open(file, framework="pt") as f:
+        return f.get_tensor(name).to(torch.float32).numpy()
+
+
+# ---------------------------------------------------------------- names and layout
+
+
+def gguf_base_name(arch: str, hf_module: str) -> str | None:
+    """GGUF base name of HF module ``hf_module`` (e.g. ``model.layers.0.self_attn.q_proj`` ->
+    ``blk.0.attn_q``) for GGUF architecture ``arch``, or None when the table has no entry."""
+    match = re.match(r"^model\.layers\.(\d+)\.(.+)$", hf_module)
+    key, bid = (f"model.layers.{{bid}}.{match[2]}", match[1]) if match else (hf_module, "")
+    template = NAME_TABLES[arch].get(key)
+    return None if template is None else template.format(bid=bid)
+
+
+def interleave_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rows of a q/k projection ``(n_heads * head_dim, ...)`` from HF's half-split RoPE order to
+    llama.cpp's interleaved pairs: per head ``[x_0..x_{d/2-1}, y_0..y_{d/2-1}] -> [x_0, y_0, x_1, ...]``.
+    Works for weights ``(out, in)``, biases ``(out,)`` and LoRA ``B`` ``(out, r)``."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _rope_heads(arch: str, config: dict[str, Any], gguf_name: str) -> int | None:
+    """Head count to reorder ``gguf_name``'s rows with, or None when it keeps its order."""
+    if arch not in ROPE_PERMUTED_ARCHS:
+        return None
+    n_head = config["num_attention_heads"]
+    if ".attn_q." in gguf_name:
+        return n_head
+    if ".attn_k." in gguf_name:
+        return config.get("num_key_value_heads", n_head)
+    return None
+
+
+def _storage_type(shape: tuple[int, ...], wanted: QType) -> QType:
+    """1-D tensors stay F32; Q8_0 needs rows that are a multiple of its block (else F16, like llama.cpp)."""
+    if len(shape) < 2:
+        return QType.F32
+    block, _ = GGML_QUANT_SIZES[wanted]
+    return wanted if shape[-1] % block == 0 else QType.F16
+
+
+def _nbytes(shape: tuple[int, ...], qtype: QType) -> int:
+    block, type_size = GGML_QUANT_SIZES[qtype]
+    return int(np.prod(shape[:-1], dtype=np.int64)) * (shape[-1] // block) * type_size
+
+
+def _encode(array: np.ndarray, qtype: QType) -> np.ndarray:
+    if qtype == QType.F32:
+        return np.ascontiguousarray(array, dtype=np.float32)
+    if qtype == QType.F16:
+        return np.ascontiguousarray(array, dtype=np.float16)
+    return quantize(np.ascontiguousarray(array, dtype=np.float32), qtype)
+
+
+# ---------------------------------------------------------------- hyper-parameters
+
+
+def _rope_scaling(config: dict[str, Any]) -> dict[str, Any] | None:
+    scaling = config.get("rope_scaling") or None
+    if scaling is None:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind in ("default", None):
+        return None
+    if kind not in ("linear", "llama3"):
+        raise UserInputError(f"GGUF export supports rope_scaling types linear and llama3, not {kind!r}")
+    return scaling
+
+
+def llama3_rope_factors(config: dict[str, Any], scaling: dict[str, Any]) -> np.ndarray:
+    """Per-frequency divisors ``(head_dim/2,)`` of Llama 3 RoPE scaling; llama.cpp reads them as
+    ``rope_freqs.weight`` (transformers computes the same from config at load time)."""
+    dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    freqs = 1.0 / config.get("rope_theta", 10000.0) ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    factor, old_ctx = scaling["factor"], scaling["original_max_position_embeddings"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    wavelen = 2 * np.pi / freqs
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    mid = 1.0 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < old_ctx / high, 1.0, np.where(wavelen > old_ctx / low, factor, mid))
+    return out.astype(np.float32)
+
+
+def _write_hparams(writer: GGUFWriter, config: dict[str, Any], file_type: LlamaFileType) -> None:
+    n_head = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // n_head
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(config.get("num_key_value_heads", n_head))
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_freq_base(float(config.get("rope_theta", 10000.0)))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(int(file_type))
+    scaling = _rope_scaling(config)
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "linear":
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+
+# ---------------------------------------------------------------- tokenizer
+
+
+def _check_byte_level_bpe(tok_json: dict[str, Any]) -> None:
+    if tok_json.get("model", {}).get("type") != "BPE" or '"ByteLevel"' not in json.dumps(tok_json.get("pre_tokenizer")):
+        raise UserInputError(
+            "GGUF export supports byte-level BPE tokenizers (tokenizer.json) only: "
+            "convert this model with llama.cpp's convert_hf_to_gguf.py"
+        )
+
+
+def _pre_tokenizer_name(tok_json: dict[str, Any]) -> str:
+    pre = tok_json.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers", [pre])
+    regexes = [s["pattern"]["Regex"] for s in steps if s.get("type") == "Split" and "Regex" in s.get("pattern", {})]
+    if not regexes and any(s.get("type") == "ByteLevel" and s.get("use_regex", True) for s in steps):
+        return "gpt-2"  # ByteLevel's built-in split is GPT-2's regex, llama.cpp's "gpt-2".
+    if len(regexes) == 1 and regexes[0] in PRE_TOKENIZER_NAMES:
+        return PRE_TOKENIZER_NAMES[regexes[0]]
+    raise UserInputError(
+        "the tokenizer's pre-tokenizer regex matches no llama.cpp pre-tokenizer we know: "
+        "convert this model with llama.cpp's convert_hf_to_gguf.py"
+    )
+
+
+def _vocab(tok_json: dict[str, Any], vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens by id (byte-level spelling) and their llama.cpp token types, padded to ``vocab_size``."""
+    by_id = {i: t for t, i in tok_json["model"]["vocab"].items()}
+    added = {a["id"]: a for a in tok_json.get("added_tokens", [])}
+    by_id.update({i: a["content"] for i, a in added.items()})
+    if max(by_id) >= vocab_size:
+        raise UserInputError(f"tokenizer has token id {max(by_id)} >= config vocab_size {vocab_size}: fix config.json")
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(TokenType.UNUSED)
+            continue
+        tokens.append(by_id[i])
+        if i not in added:
+            types.append(TokenType.NORMAL)
+        else:
+            types.append(TokenType.CONTROL if added[i].get("special") else TokenType.USER_DEFINED)
+    return tokens, [int(t) for t in types]
+
+
+def _special_id(kind: str, tok_config: dict[str, Any], config: dict[str, Any], ids: dict[str, int]) -> int | None:
+    """Id of the ``kind`` (bos/eos/pad) token: tokenizer_config.json first, then config.json."""
+    value = tok_config.get(f"{kind}_token")
+    if isinstance(value, dict):
+        value = value.get("content")
+    if isinstance(value, str) and value in ids:
+        return ids[value]
+    value = config.get(f"{kind}_token_id")
+    return value if isinstance(value, int) else None
+
+
+def _adds_bos(tok_json: dict[str, Any], tok_config: dict[str, Any], bos_id: int | None) -> bool:
+    """Whether encoding prepends BOS: tokenizer_config's flag, else the post-processor's template."""
+    if "add_bos_token" in tok_config:
+        return bool(tok_config["add_bos_token"])
+    post = tok_json.get("post_processor") or {}
+    for proc in post.get("processors", [post]):
+        if proc.get("type") == "TemplateProcessing" and proc.get("single"):
+            first = proc["single"][0].get("SpecialToken", {}).get("id")
+            ids = proc.get("special_tokens", {}).get(first, {}).get("ids", [])
+            return bos_id is not None and ids[:1] == [bos_id]
+    return False
+
+
+def _write_tokenizer(writer: GGUFWriter, model_dir: Path, config: dict[str, Any]) -> None:
+    tok_json = _read_json(model_dir / "tokenizer.json")
+    tok_config_path = model_dir / "tokenizer_config.json"
+    tok_config = _read_json(tok_config_path) if tok_config_path.is_file() else {}
+    _check_byte_level_bpe(tok_json)
+    tokens, types = _vocab(tok_json, config["vocab_size"])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(_pre_tokenizer_name(tok_json))
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in tok_json["model"]["merges"]])
+    ids = {t: i for i, t in enumerate(tokens)}
+    adders = {"bos": writer.add_bos_token_id, "eos": writer.add_eos_token_id, "pad": writer.add_pad_token_id}
+    special = {kind: _special_id(kind, tok_config, config, ids) for kind in adders}
+    for kind, token_id in special.items():
+        if token_id is not None:
+            adders[kind](token_id)
+    writer.add_add_bos_token(_adds_bos(tok_json, tok_config, special["bos"]))
+
+
+# ---------------------------------------------------------------- export
+
+
+def _tensor_order(name: str) -> tuple[int, int, str]:
+    """Embeddings, then blocks in order, then the output head (the order llama.cpp's converter writes)."""
+    block = re.match(r"^blk\.(\d+)\.", name)
+    if block:
+        return (1, int(block[1]), name)
+    return (0 if name.startswith("token_embd") else 2, 0, name)
+
+
+def _plan(model_dir: Path, config: dict[str, Any], arch: str, wanted: QType) -> list[_Planned]:
+    tied = bool(config.get("tie_word_embeddings", False))
+    plan = []
+    for hf_name, file in _weight_files(model_dir).items():
+        if SKIPPED_TENSORS.match(hf_name) or (tied and hf_name == "lm_head.weight"):
+            continue
+        module, _, kind = hf_name.rpartition(".")
+        base = gguf_base_name(arch, module) if kind in ("weight", "bias") else None
+        if base is None:
+            raise UserInputError(f"cannot map tensor {hf_name!r} to GGUF arch {arch!r}: export a plain HF checkpoint")
+        name, shape = f"{base}.{kind}", _tensor_shape(file, hf_name)
+        heads = _rope_heads(arch, config, name)
+        load = _loader(file, hf_name, heads)
+        plan.append(_Planned(name, shape, _storage_type(shape, wanted), load))
+    return sorted(plan + _extra_tensors(config), key=lambda p: _tensor_order(p.name))
+
+
+def _loader(file: Path, hf_name: str, rope_heads: int | None) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        array = _load_float32(file, hf_name)
+        return array if rope_heads is None else interleave_rope_rows(array, rope_heads)
+
+    return load
+
+
+def _extra_tensors(config: dict[str, Any]) -> list[_Planned]:
+    scaling = _rope_scaling(config)
+    if scaling is None or scaling.get("rope_type", scaling.get("type")) != "llama3":
+        return []
+    factors = llama3_rope_factors(config, scaling)
+    return [_Planned("rope_freqs.weight", factors.shape, QType.F32, lambda: factors)]
+
+
+def export_model(model_dir: Path, out_path: Path, dtype: str = "float32") -> dict[str, Any]:
+    """Write the HF model in ``model_dir`` (config.json, tokenizer.json, safetensors) as GGUF ``out_path``.
+
+    ``dtype``: float32 | float16 | bfloat16 | q8_0 for 2-D weights (1-D tensors stay float32). Tensors are
+    read and written one at a time. Returns ``{"arch", "tensors", "dtype", "bytes"}``.
+    """
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    if dtype not in DTYPES:
+        raise UserInputError(f"GGUF dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    config = _read_json(model_dir / "config.json")
+    arch = _gguf_arch(config)
+    wanted, file_type = DTYPES[dtype]
+    plan = _plan(model_dir, config, arch, wanted)
+    writer = GGUFWriter(out_path, arch)
+    writer.add_type(GGUFType.MODEL)
+    writer.add_quantization_version(GGML_QUANT_VERSION)
+    _write_hparams(writer, config, file_type)
+    _write_tokenizer(writer, model_dir, config)
+    for p in plan:
+        # A float dtype with raw_dtype makes gguf-py keep the logical shape (uint8 would mean bytes).
+        writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), _nbytes(p.shape, p.qtype), raw_dtype=p.qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for p in plan:
+        writer.write_tensor_data(_encode(p.load(), p.qtype))
+    writer.close()
+    return {"arch": arch, "tensors": len(plan), "dtype": dtype, "bytes": out_path.stat().st_size}
+
+
+# ---------------------------------------------------------------- LoRA adapter
+
+
+def _lora_base(arch: str, module: str) -> str:
+    base = gguf_base_name(arch, module)
+    if base is None or base.rpartition(".")[2] not in LORA_TARGETS:
+        raise UserInputError(
+            f"cannot export a LoRA update of {module!r} to GGUF: llama.cpp adapters take the attention and "
+            "MLP linear layers only; merge the update into the model instead"
+        )
+    return base
+
+
+def _lora_arrays(
+    module: str, a: torch.Tensor, b: torch.Tensor, weight_shape: tuple[int, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check ``A (r, in)`` and ``B (out, r)`` against the base weight ``(out, in)``; float32 numpy copies."""
+    ok = a.dim() == 2 and b.dim() == 2 and a.shape[0] == b.shape[1]
+    if not ok or (b.shape[0], a.shape[1]) != tuple(weight_shape):
+        raise UserInputError(
+            f"LoRA factors of {module!r} have shapes A {tuple(a.shape)}, B {tuple(b.shape)}; "
+            f"expected A (r, {weight_shape[1]}) and B ({weight_shape[0]}, r)"
+        )
+    as_np = lambda t: t.detach().to("cpu", torch.float32).contiguous().numpy()  # noqa: E731
+    return as_np(a), as_np(b)
+
+
+def export_lora_adapter(
+    model_dir: Path, lora: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float, out_path: Path
+) -> dict[str, Any]:
+    """Write a llama.cpp LoRA adapter GGUF for the base model in ``model_dir``.
+
+    ``lora`` maps HF module names (``model.layers.0.self_attn.q_proj``) to ``(A (r, in), B (out, r))`` in
+    ``nn.Linear`` layout; the update is ``(alpha / r) B A``. Returns ``{"arch", "modules", "alpha", "bytes"}``.
+    """
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    if not alpha > 0:
+        raise UserInputError(f"LoRA alpha must be > 0, got {alpha} (llama.cpp reads 0 as scale 1)")
+    config = _read_json(model_dir / "config.json")
+    arch = _gguf_arch(config)
+    files = _weight_files(model_dir)
+    tensors = {}
+    for module, (a, b) in lora.items():
+        base = _lora_base(arch, module)
+        if f"{module}.weight" not in files:
+            raise UserInputError(f"LoRA module {module!r} has no weight in {model_dir}: check the module names")
+        a_np, b_np = _lora_arrays(module, a, b, _tensor_shape(files[f"{module}.weight"], f"{module}.weight"))
+        heads = _rope_heads(arch, config, f"{base}.weight")
+        tensors[f"{base}.weight"] = (a_np, b_np if heads is None else interleave_rope_rows(b_np, heads))
+    writer = GGUFWriter(out_path, arch)
+    writer.add_type(GGUFType.ADAPTER)
+    writer.add_string(Keys.Adapter.TYPE, "lora")
+    writer.add_float32(Keys.Adapter.LORA_ALPHA, float(alpha))
+    for name in sorted(tensors, key=_tensor_order):
+        writer.add_tensor(f"{name}.lora_a", tensors[name][0])
+        writer.add_tensor(f"{name}.lora_b", tensors[name][1])
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return {"arch": arch, "modules": len(tensors), "alpha": float(alpha), "bytes": out_path.stat().st_size}
+
+
+# ---------------------------------------------------------------- runtime and inspection
+
+
+def _import_llama_cpp():
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise UserInputError("llama.cpp runtime missing: pip install llama-cpp-python==0.3.36") from exc
+    return llama_cpp
+
+
+def run_logits(gguf_path: Path, token_ids: list[int], lora_path: Path | None = None) -> np.ndarray:
+    """llama.cpp's logits ``(n_tokens, vocab)`` float32 for ``token_ids`` (one sequence, no sampling),
+    optionally with a LoRA adapter GGUF applied at scale 1. Uses an F32 KV cache (see module docstring)."""
+    llama_cpp = _import_llama_cpp()
+    llm = llama_cpp.Llama(
+        model_path=str(gguf_path),
+        lora_path=None if lora_path is None else str(lora_path),
+        logits_all=True,
+        n_ctx=max(64, len(token_ids)),
+        n_batch=max(64, len(token_ids)),
+        n_threads=2,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+        verbose=False,
+    )
+    try:
+        llm.eval(list(token_ids))
+        return np.array(llm.scores[: llm.n_tokens], dtype=np.float32)
+    finally:
+        llm.close()
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars/arrays and bytes -> JSON-serializable Python values."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    return value
+
+
+def describe(gguf_path: Path, max_array: int = 16) -> dict[str, Any]:
+    """JSON-serializable summary of a GGUF file for golden records.
+
+    ``metadata``: key -> value, sorted by key; arrays longer than ``max_array`` (token lists, merges) are
+    recorded as ``{"array_len": n}``. ``tensors``: ``[{"name", "ne", "type"}]`` in file order, ``ne`` in
+    ggml order (the numpy shape reversed).
+    """
+    reader = GGUFReader(gguf_path)
+    metadata: dict[str, Any] = {}
+    for key in sorted(reader.fields):
+        field = reader.fields[key]
+        if key.startswith("GGUF."):
+            continue  # header fields (version, counts), not metadata
+        if field.types[0] == GGUFValueType.ARRAY and len(field.data) > max_array:
+            metadata[key] = {"array_len": len(field.data)}
+        else:
+            metadata[key] = _plain(field.contents())
+    tensors = [{"name": t.name, "ne": [int(n) for n in t.shape], "type": t.tensor_type.name} for t in reader.tensors]
+    return {"metadata": metadata, "tensors": tensors}

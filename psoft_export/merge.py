@@ -1,0 +1,266 @@
+"""``psoft-export merge``: fold the rotations into the weights, or split base and adapter, and export.
+
+Routes (``converters/`` does the format work, this module decides what goes where):
+
+============  =================================================  ====================================================
+``--to``      merged (default)                                   ``--split``
+============  =================================================  ====================================================
+safetensors   a complete HF model directory, no adapter trace    ``adapter/`` (the PEFT adapter) and, for PSOFT,
+                                                                 ``lora/`` (its exact LoRA form, a PEFT LoRA dir)
+onnx          optimum export, decoders with the KV cache         ``model.onnx`` with adapter inputs +
+                                                                 ``adapter.onnx_adapter`` (ORT adapter format)
+gguf          ``model.gguf`` (f32, f16 or q8_0)                  ``model.gguf`` (base) + ``adapter.gguf`` (LoRA)
+============  =================================================  ====================================================
+
+OFT's update ``W (R^T - I)`` is full rank: a LoRA-only target (GGUF and the safetensors LoRA form) is refused
+unless ``--lora-rank K`` asks for a truncated-SVD approximation, whose error is reported. Every export is
+written to a temporary directory, verified in its runtime (unless ``--no-verify``) and only then renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from psoft_export import __version__, adapter_io
+from psoft_export.adapters import OftLinear, PsoftLinear, adapter_layers, merge_and_unload
+from psoft_export.atomic import atomic_output_dir, check_output_dir
+from psoft_export.checkpoint import load_config
+from psoft_export.errors import UserInputError, VerificationError
+from psoft_export.verify import EXPORT_FILE, EXPORT_FORMAT, reference_model, verify_export
+
+FORMATS = ("safetensors", "onnx", "gguf")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+QUANTS = ("q8_0",)
+GGUF_TYPES = ("llama", "mistral", "qwen2")
+ADAPTER_FILES = (adapter_io.CONFIG_FILE, adapter_io.WEIGHTS_FILE, adapter_io.META_FILE, adapter_io.OURS_FILE)
+
+
+# ------------------------------------------------------------------------------------------ LoRA forms
+
+def lora_form(model: nn.Module, lora_rank: Optional[int] = None) -> tuple[dict, float, dict]:
+    """``({module: (A (r, in), B (out, r))}, alpha, approximation errors)`` of every adapter layer.
+
+    PSOFT is exact (METHODS.md §5: ``lora_A = (R - I) A``, ``lora_B = B``, ``alpha`` as trained). OFT needs
+    ``lora_rank``: the best rank-K approximation of ``W (R^T - I)`` (truncated SVD, scale 1), with its error
+    ``||dW - B A||_F / ||dW||_F`` per module.
+    """
+    layers = adapter_layers(model)
+    psoft = [l for l in layers.values() if isinstance(l, PsoftLinear)]
+    if psoft and lora_rank is None:
+        with torch.no_grad():
+            return {n: tuple(t.detach().float() for t in l.lora_factors()) for n, l in layers.items()}, \
+                float(psoft[0].config.alpha), {}
+    if lora_rank is None:
+        raise UserInputError("OFT's update is full rank and this target only takes LoRA adapters: pass "
+                             "--lora-rank K for a truncated-SVD approximation (its error is reported), or export merged")
+    factors, errors = {}, {}
+    with torch.no_grad():
+        for name, layer in layers.items():
+            delta = layer.delta_weight().double()
+            if not 0 < lora_rank <= min(delta.shape):
+                raise UserInputError(f"--lora-rank {lora_rank} does not fit {name} {tuple(delta.shape)}: choose 1..{min(delta.shape)}")
+            U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+            B, A = U[:, :lora_rank] * S[:lora_rank], Vh[:lora_rank]
+            errors[name] = float(torch.linalg.norm(delta - B @ A) / torch.linalg.norm(delta).clamp_min(1e-30))
+            factors[name] = (A.float(), B.float())
+    return factors, float(lora_rank), errors
+
+
+def approximated_model(model_dir: Path, adapter_dir: Path, lora_rank: int) -> nn.Module:
+    """The base with the rank-K LoRA approximation of the adapter merged: what a ``--lora-rank`` export holds."""
+    from psoft_export.adapters.layout import weight_out_in
+
+    model, _, _ = reference_model(model_dir, adapter_dir)
+    factors, alpha, _ = lora_form(model, lora_rank)
+    merged = merge_and_unload(_unmerged_copy(model))
+    with torch.no_grad():
+        for name, (A, B) in factors.items():
+            W = weight_out_in(merged.get_submodule(name))
+            W.add_((alpha / A.shape[0] * B.double() @ A.double()).to(W.dtype))
+    return merged
+
+
+def _unmerged_copy(model: nn.Module) -> nn.Module:
+    """A copy whose adapter layers contribute nothing (identity rotations), so merging leaves the base."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer in adapter_layers(clone).values():
+            layer.q.zero_()
+            for attr in ("vector_a", "vector_b"):
+                if getattr(layer, attr, None) is not None:
+                    getattr(layer, attr).fill_(1.0)
+            if isinstance(layer, PsoftLinear) and not layer.config.orth:
+                layer.q.copy_(torch.eye(layer.rank))
+    return clone
+
+
+def peft_lora_config(targets: list[str], rank: int, alpha: float, base_model: str, task_type: Optional[str],
+                     fan_in_fan_out: bool, heads: list[str]) -> dict:
+    """A PEFT 0.21 LoRA ``adapter_config.json`` (what ``convert_lora_to_gguf.py`` and vLLM read)."""
+    return {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(targets),
+            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": fan_in_fan_out, "task_type": task_type,
+            "base_model_name_or_path": base_model, "inference_mode": True, "init_lora_weights": True,
+            "use_rslora": False, "use_dora": False, "modules_to_save": heads or None, "peft_version": "0.21.2"}
+
+
+# ------------------------------------------------------------------------------------------ routes
+
+def _save_hf(model: nn.Module, model_dir: Path, out: Path, dtype: str) -> None:
+    from transformers import AutoTokenizer
+
+    model = model.to(DTYPES[dtype])
+    model.config.dtype = dtype
+    model.save_pretrained(out, max_shard_size="2GB")
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+
+
+def _merged_hf(model: nn.Module, model_dir: Path, out: Path, dtype: str) -> None:
+    import copy
+
+    _save_hf(merge_and_unload(copy.deepcopy(model)), model_dir, out, dtype)
+
+
+def _merged(to: str, model, model_dir: Path, tmp: Path, dtype: str, quant: Optional[str]) -> list[str]:
+    if to == "safetensors":
+        _merged_hf(model, model_dir, tmp, dtype)
+        return sorted(p.name for p in tmp.iterdir())
+    with tempfile.TemporaryDirectory(prefix=".psoft-merged-", dir=tmp.parent) as scratch:
+        _merged_hf(model, model_dir, Path(scratch), "float32")
+        if to == "onnx":
+            from converters import onnx as conv
+
+            conv.export_merged(Path(scratch), tmp)
+            return sorted(p.name for p in tmp.iterdir())
+        from converters import gguf as conv
+
+        conv.export_model(Path(scratch), tmp / "model.gguf", quant or dtype)
+        return ["model.gguf"]
+
+
+def _split(to: str, model, model_dir: Path, adapter_dir: Path, tmp: Path, dtype: str, quant: Optional[str],
+           lora_rank: Optional[int], kind: str) -> tuple[list[str], dict]:
+    layers = adapter_layers(model)
+    if to == "safetensors":
+        (tmp / "adapter").mkdir()
+        for name in ADAPTER_FILES:
+            if (adapter_dir / name).is_file():
+                shutil.copy2(adapter_dir / name, tmp / "adapter" / name)
+        if (adapter_dir / adapter_io.DECOMPOSITION_DIR).is_dir():
+            shutil.copytree(adapter_dir / adapter_io.DECOMPOSITION_DIR, tmp / "adapter" / adapter_io.DECOMPOSITION_DIR)
+        is_oft = any(isinstance(l, OftLinear) for l in layers.values())
+        if is_oft and lora_rank is None:
+            return ["adapter"], {}
+        return ["adapter", "lora"], _write_lora_dir(model, model_dir, adapter_dir, tmp / "lora", lora_rank)
+    if kind == "classify":
+        raise UserInputError(f"a classification adapter carries a new head: export it merged (drop --split) for --to {to}")
+    if to == "onnx":
+        from converters import onnx as conv
+
+        if any(isinstance(l, OftLinear) for l in layers.values()) and lora_rank is None:
+            conv.export_split(model_dir, tmp, oft_targets={n: l.block_size for n, l in layers.items()})
+            with torch.no_grad():
+                rotations = {n: l.rotation_blocks().expand(l.num_blocks, -1, -1).float() for n, l in layers.items()}
+            conv.write_adapter(tmp / "adapter.onnx_adapter", oft=rotations)
+            return sorted(p.name for p in tmp.iterdir()), {}
+        factors, alpha, errors = lora_form(model, lora_rank)
+        conv.export_split(model_dir, tmp, lora_targets=list(factors))
+        conv.write_adapter(tmp / "adapter.onnx_adapter", lora=factors, scaling=alpha / next(iter(factors.values()))[0].shape[0])
+        return sorted(p.name for p in tmp.iterdir()), errors
+    from converters import gguf as conv
+
+    factors, alpha, errors = lora_form(model, lora_rank)
+    conv.export_model(model_dir, tmp / "model.gguf", quant or dtype)
+    conv.export_lora_adapter(model_dir, factors, alpha, tmp / "adapter.gguf")
+    return ["model.gguf", "adapter.gguf"], errors
+
+
+def _write_lora_dir(model, model_dir: Path, adapter_dir: Path, out: Path, lora_rank: Optional[int]) -> dict:
+    from safetensors.torch import save_file
+
+    from psoft_export.adapters.layout import is_fan_in_fan_out
+
+    factors, alpha, errors = lora_form(model, lora_rank)
+    out.mkdir()
+    peft = adapter_io.read_config(adapter_dir)
+    heads = peft.get("modules_to_save") or []
+    tensors = {}
+    for name, (A, B) in factors.items():
+        tensors[f"{adapter_io.PREFIX}{name}.lora_A.weight"] = A.contiguous()
+        tensors[f"{adapter_io.PREFIX}{name}.lora_B.weight"] = B.contiguous()
+    for head in heads:
+        for key, value in adapter_io.head_tensors(adapter_dir, head).items():
+            tensors[key] = value
+    rank = next(iter(factors.values()))[0].shape[0]
+    fan = any(is_fan_in_fan_out(l.base_layer) for l in adapter_layers(model).values())
+    config = peft_lora_config(sorted({n.rsplit(".", 1)[-1] for n in factors}), rank,
+                              int(alpha) if float(alpha).is_integer() else alpha, str(model_dir),
+                              peft.get("task_type"), fan, heads)
+    save_file(tensors, str(out / adapter_io.WEIGHTS_FILE), metadata={"format": "pt"})
+    (out / adapter_io.CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return errors
+
+
+# ------------------------------------------------------------------------------------------ the verb
+
+def check_request(model_dir: Path, adapter_dir: Path, to: str, split: bool, dtype: str, quant: Optional[str],
+                  lora_rank: Optional[int]) -> None:
+    """Everything about the request that can be refused before any work."""
+    if to not in FORMATS:
+        raise UserInputError(f"unknown export format --to {to!r}: choose one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise UserInputError(f"unknown --dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    if quant is not None and (to != "gguf" or quant not in QUANTS):
+        raise UserInputError(f"--quant {quant} is for --to gguf and must be one of {', '.join(QUANTS)}")
+    if to == "onnx" and dtype != "float32":
+        raise UserInputError("ONNX exports are float32 (ONNX Runtime's CPU provider refuses mixed half graphs): use --dtype float32")
+    if to == "gguf" and dtype == "bfloat16":
+        raise UserInputError("GGUF exports are float32, float16 or --quant q8_0: use --dtype float16 for half precision")
+    if lora_rank is not None and (lora_rank <= 0 or not split):
+        raise UserInputError("--lora-rank K (K > 0) is for --split exports of OFT adapters")
+    config = load_config(model_dir)
+    if to == "gguf" and config.model_type not in GGUF_TYPES:
+        raise UserInputError(f"GGUF export supports {', '.join(GGUF_TYPES)} models, not {config.model_type}: "
+                             "use --to safetensors or --to onnx")
+    peft = adapter_io.read_config(adapter_dir)
+    adapter_io.method_config(peft, str(adapter_dir))
+
+
+def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, to: str, *, split: bool = False,
+          dtype: str = "float32", quant: Optional[str] = None, lora_rank: Optional[int] = None, verify: bool = True,
+          overwrite: bool = False, texts: Optional[list[str]] = None) -> dict:
+    """Export ``model_dir`` with ``adapter_dir`` to ``out_dir`` as ``to``; verify; return the summary."""
+    model_dir, adapter_dir, out_dir = Path(model_dir), Path(adapter_dir), Path(out_dir)
+    check_request(model_dir, adapter_dir, to, split, dtype, quant, lora_rank)
+    check_output_dir(out_dir, overwrite)
+    model, kind, classes = reference_model(model_dir, adapter_dir)
+    info = {"format": EXPORT_FORMAT, "to": to, "split": split, "dtype": dtype, "quant": quant, "lora_rank": lora_rank,
+            "kind": kind, "classes": classes, "model": str(model_dir), "adapter": str(adapter_dir),
+            "method": adapter_io.read_config(adapter_dir)["peft_type"].lower(), "psoft_export": __version__}
+    with atomic_output_dir(out_dir, overwrite) as tmp:
+        if split:
+            files, errors = _split(to, model, model_dir, adapter_dir, tmp, dtype, quant, lora_rank, kind)
+        else:
+            files, errors = _merged(to, model, model_dir, tmp, dtype, quant), {}
+        info["files"] = files
+        if errors:
+            info["lora_approximation"] = {"max_rel_err": max(errors.values()), "per_module": errors}
+        (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+        if verify:
+            compare_to = approximated_model(model_dir, adapter_dir, lora_rank) if lora_rank else None
+            report = verify_export(tmp, info, model_dir, model, kind, texts, compare_to)
+            info["verification"] = report.to_dict()
+            (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
+            if not report.ok:
+                raise VerificationError(f"{report.export} export disagrees with the PyTorch model: "
+                                        + "; ".join(report.lines()) + " — nothing was written")
+    return {"output": str(out_dir), **{k: info[k] for k in ("to", "split", "dtype", "quant", "files")},
+            "verification": info.get("verification"), "lora_approximation": info.get("lora_approximation")}

@@ -1,0 +1,175 @@
+"""``psoft-export merge`` and ``verify``: every format x merged/split, verified in its own runtime.
+
+Oracle: the PyTorch model with the adapter (our loader, float32). Each adapter is randomized so that it moves
+the outputs by far more than the tolerance: an export that dropped the adapter would fail.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from psoft_export import adapter_io
+from psoft_export.cli import cli
+from psoft_export.errors import UserInputError, VerificationError
+from psoft_export.merge import merge
+from psoft_export.train import TrainConfig, train
+from psoft_export.verify import fixed_inputs, load_base, reference_model, torch_outputs, verify
+from tests.conftest import MODELS
+from tests.test_train import DATA, FAST, randomize
+
+CASES = {
+    "llama-psoft": ("llama", dict(method="psoft", rank=16), "train.jsonl"),
+    "qwen2-psoft": ("qwen2", dict(method="psoft", rank=16, cayley="neumann"), "train.jsonl"),
+    "llama-oft": ("llama", dict(method="oft", block_size=16), "train.jsonl"),
+    "gpt2-psoft": ("gpt2", dict(method="psoft", rank=16), "train.jsonl"),
+    "bert-psoft": ("bert", dict(method="psoft", rank=16), "classify.jsonl"),
+}
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory):
+    """One trained-then-randomized adapter per case, and how far it moves the outputs from the base model."""
+    root = tmp_path_factory.mktemp("adapters")
+    made = {}
+    for case, (model, opts, data) in CASES.items():
+        cfg = TrainConfig(**{**FAST, "steps": 1, **opts})
+        out = root / case
+        train(MODELS / model, DATA / data, out, cfg)
+        adapted, kind, classes = reference_model(MODELS / model, out)
+        randomize(adapted, std=0.2)
+        adapter_io.save_adapter(out, adapted, cfg.method_config(), base_model=str(MODELS / model),
+                                task="classify" if kind == "classify" else "causal", classes=classes,
+                                heads=json.loads((out / "psoft_export.json").read_text())["heads"])
+        inputs = fixed_inputs(MODELS / model)
+        base = load_base(MODELS / model, kind, classes, out)
+        adapter_io.load_heads(base, out)
+        ref = torch_outputs(reference_model(MODELS / model, out)[0], inputs, kind)
+        shift = float(abs(torch_outputs(base, inputs, kind) - ref).max() / abs(ref).max())
+        made[case] = (model, out, shift)
+    return made
+
+
+ROUTES = [
+    ("llama-psoft", "safetensors", False), ("llama-psoft", "safetensors", True), ("llama-psoft", "onnx", False),
+    ("llama-psoft", "onnx", True), ("llama-psoft", "gguf", False), ("llama-psoft", "gguf", True),
+    ("qwen2-psoft", "safetensors", False), ("qwen2-psoft", "onnx", True), ("qwen2-psoft", "gguf", False),
+    ("qwen2-psoft", "gguf", True), ("llama-oft", "safetensors", False), ("llama-oft", "onnx", True),
+    ("llama-oft", "gguf", False), ("gpt2-psoft", "safetensors", True), ("gpt2-psoft", "onnx", False),
+    ("gpt2-psoft", "onnx", True), ("bert-psoft", "safetensors", False), ("bert-psoft", "onnx", False),
+    ("bert-psoft", "safetensors", True),
+]
+
+
+@pytest.mark.parametrize("case,to,split", ROUTES)
+def test_export_matches_the_adapter_model(adapters, tmp_path, case, to, split):
+    if to == "gguf":
+        pytest.importorskip("llama_cpp")
+    model, adapter, shift = adapters[case]
+    summary = merge(MODELS / model, adapter, tmp_path / "out", to, split=split)
+    report = summary["verification"]
+    assert report["ok"], f"{case} {to} split={split}: {report}"
+    for name, o in report["outputs"].items():
+        assert o["rel_err"] <= report["tolerance"], f"{case} {to} {name}: rel err {o['rel_err']:.2e}"
+        assert shift > 30 * report["tolerance"], (
+            f"{case}: the adapter moves outputs by only {shift:.2e}; the {to} check (tol {report['tolerance']}) "
+            "could not tell an export without it")
+    again = verify(tmp_path / "out", MODELS / model, adapter)
+    assert again.ok and again.outputs.keys() == report["outputs"].keys(), "verify disagrees with merge's own check"
+
+
+def test_quantized_gguf_has_its_own_tolerance(adapters, tmp_path):
+    pytest.importorskip("llama_cpp")
+    model, adapter, _ = adapters["llama-psoft"]
+    for dtype, quant in [("float16", None), ("float32", "q8_0")]:
+        report = merge(MODELS / model, adapter, tmp_path / f"{dtype}{quant}", "gguf", dtype=dtype, quant=quant)["verification"]
+        assert report["ok"], report
+
+
+def test_merged_safetensors_has_no_adapter_trace_and_loads(adapters, tmp_path):
+    model, adapter, _ = adapters["llama-psoft"]
+    merge(MODELS / model, adapter, tmp_path / "out", "safetensors")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    names = [n for n, _ in loaded.named_parameters()]
+    assert not any("psoft" in n or "oft_" in n for n in names)
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+
+def test_oft_to_lora_only_target_is_refused_without_lora_rank(adapters, tmp_path):
+    model, adapter, _ = adapters["llama-oft"]
+    with pytest.raises(UserInputError, match="--lora-rank"):
+        merge(MODELS / model, adapter, tmp_path / "out", "gguf", split=True)
+    assert not (tmp_path / "out").exists()
+
+
+def test_oft_lora_rank_approximation_reports_its_error(adapters, tmp_path):
+    model, adapter, _ = adapters["llama-oft"]
+    summary = merge(MODELS / model, adapter, tmp_path / "out", "safetensors", split=True, lora_rank=8)
+    approx = summary["lora_approximation"]
+    assert 0 < approx["max_rel_err"] < 1, approx["max_rel_err"]
+    assert summary["verification"]["ok"], "the rank-8 LoRA files must match the rank-8 approximation they hold"
+
+
+def test_verification_failure_leaves_nothing(adapters, tmp_path, monkeypatch):
+    """A wrong exporter (scaling dropped from the LoRA form) fails verification: exit 1, no output."""
+    import psoft_export.merge as merge_mod
+
+    model, adapter, _ = adapters["llama-psoft"]
+    real = merge_mod.lora_form
+
+    def broken(model_, lora_rank=None):
+        factors, alpha, errors = real(model_, lora_rank)
+        return factors, alpha * 3.0, errors
+
+    monkeypatch.setattr(merge_mod, "lora_form", broken)
+    with pytest.raises(VerificationError, match="gguf split"):
+        merge(MODELS / model, adapter, tmp_path / "out", "gguf", split=True)
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.iterdir()), "a temporary directory was left behind"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--to", "tflite"], "unknown export format --to 'tflite'"),
+    (["--to", "onnx", "--dtype", "float16"], "ONNX exports are float32"),
+    (["--to", "safetensors", "--quant", "q8_0"], "--quant q8_0 is for --to gguf"),
+    (["--to", "gguf", "--lora-rank", "4"], "--lora-rank K (K > 0) is for --split"),
+])
+def test_bad_requests_exit_2_with_one_line(adapters, tmp_path, args, message):
+    model, adapter, _ = adapters["llama-psoft"]
+    result = CliRunner().invoke(cli, ["merge", str(MODELS / model), "--adapter", str(adapter), "-o",
+                                      str(tmp_path / "out"), *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_gguf_refuses_encoders(adapters, tmp_path):
+    model, adapter, _ = adapters["bert-psoft"]
+    with pytest.raises(UserInputError, match="GGUF export supports llama, mistral, qwen2"):
+        merge(MODELS / model, adapter, tmp_path / "out", "gguf")
+
+
+def test_verify_cli_exit_codes(adapters, tmp_path):
+    model, adapter, _ = adapters["qwen2-psoft"]
+    merge(MODELS / model, adapter, tmp_path / "out", "safetensors")
+    ok = CliRunner().invoke(cli, ["verify", str(tmp_path / "out"), "--model", str(MODELS / model), "--adapter",
+                                  str(adapter), "--json"])
+    assert ok.exit_code == 0 and json.loads(ok.output)["ok"]
+    # the same export checked against a different adapter (generators shifted by 0.1): beyond tolerance, exit 1
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "other-adapter"
+    shutil.copytree(adapter, other)
+    tensors = {k: v + 0.1 if k.endswith(".q") else v for k, v in load_file(other / "psoft_export.safetensors").items()}
+    save_file(tensors, str(other / "psoft_export.safetensors"))
+    bad = CliRunner().invoke(cli, ["verify", str(tmp_path / "out"), "--model", str(MODELS / model), "--adapter", str(other)])
+    assert bad.exit_code == 1 and "FAIL" in bad.output, bad.output
+    missing = CliRunner().invoke(cli, ["verify", str(tmp_path / "nope"), "--model", str(MODELS / model), "--adapter",
+                                       str(adapter)])
+    assert missing.exit_code == 2 and "not an export" in missing.output

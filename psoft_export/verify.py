@@ -31,7 +31,7 @@ DEFAULT_TEXTS = [
 TOLERANCES = {
     ("safetensors", "float32"): 1e-4, ("safetensors", "float16"): 1e-2, ("safetensors", "bfloat16"): 6e-2,
     ("onnx", "float32"): 1e-4,
-    ("gguf", "float32"): 2e-3, ("gguf", "float16"): 1e-2, ("gguf", "q8_0"): 6e-2,
+    ("gguf", "float32"): 2e-3, ("gguf", "float16"): 2e-3, ("gguf", "q8_0"): 3e-2,  # measured 4e-7 / 7e-4 / 1.7e-2
 }
 
 

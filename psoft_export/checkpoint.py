@@ -68,7 +68,7 @@ class ModelSource:
         if any((self.dir / p).exists() for p in PICKLED):
             raise UserInputError(
                 f"{self.dir} holds only pickled weights (.bin/.pt), which can run code when loaded: "
-                "convert them to safetensors first"
+                "convert them to safetensors first (train, merge and verify accept --allow-pickle, loading with weights_only=True)"
             )
         raise UserInputError(f"no safetensors weights in {self.dir} (expected {SINGLE} or {INDEX})")
 
@@ -165,3 +165,17 @@ def skeleton(model_dir: Path) -> nn.Module:
             return transformers.AutoModel.from_config(config)
         except (ValueError, KeyError) as exc:
             raise UserInputError(f"transformers cannot build {arch or config.model_type}: {exc}") from None
+
+
+def loading_kwargs(model_dir: str | Path, allow_pickle: bool = False) -> dict:
+    """Validate ``model_dir``'s weights before transformers reads them and return ``from_pretrained`` options.
+
+    Only safetensors are read unless ``allow_pickle`` (then ``.bin`` files load with ``weights_only=True``,
+    transformers' default); remote code is never trusted.
+    """
+    model_dir = Path(model_dir)
+    if allow_pickle and not any((model_dir / f).is_file() for f in (SINGLE, INDEX)):
+        load_config(model_dir)
+        return {"use_safetensors": False, "trust_remote_code": False}
+    ModelSource(model_dir)
+    return {"use_safetensors": True, "trust_remote_code": False}

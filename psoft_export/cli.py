@@ -16,6 +16,7 @@ from psoft_export import __version__
 from psoft_export.defaults import DEFAULT_NITER, DEFAULT_OVERSAMPLE
 from psoft_export.errors import PsoftExportError
 
+ALLOW_PICKLE = "Also read pickled .bin weights (with weights_only=True); by default only safetensors are read."
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
@@ -146,9 +147,11 @@ def _help(name: str) -> str:
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUTPUT from its last checkpoint.")
 @click.option("--seed", type=int, default=0, show_default=True, help=_help("seed"))
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @handle_errors
-def train(model_dir, data, out_dir, decomposition, no_vectors, eval_data, resume, overwrite, as_json, **options) -> None:
+def train(model_dir, data, out_dir, decomposition, no_vectors, eval_data, resume, overwrite, allow_pickle, as_json,
+          **options) -> None:
     """Train a PSOFT or OFTv2 adapter on a JSONL data set; writes a PEFT-compatible adapter directory.
 
     OUTPUT holds adapter_config.json + adapter_model.safetensors (PEFT loads them), the subspace
@@ -167,7 +170,7 @@ def train(model_dir, data, out_dir, decomposition, no_vectors, eval_data, resume
                     total=steps.stop)
 
     summary = run(model_dir, data, out_dir, cfg, decomposition=decomposition, eval_data=eval_data, resume=resume,
-                  overwrite=overwrite, progress=progress)
+                  overwrite=overwrite, progress=progress, allow_pickle=allow_pickle)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -196,10 +199,11 @@ def _print_report(report: dict) -> None:
 @click.option("--no-verify", is_flag=True, help="Skip running the export in its runtime against PyTorch.")
 @click.option("--inputs", type=click.Path(), default=None, help="JSONL of {\"text\"} to verify on (default: fixed sentences).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @handle_errors
 def merge(model_dir, adapter_dir, fmt, split, out_dir, dtype, quant, lora_rank, no_verify, inputs, overwrite,
-          as_json) -> None:
+          allow_pickle, as_json) -> None:
     """Fold the rotations into the weights and export (safetensors, ONNX, GGUF), verified against PyTorch.
 
     \b
@@ -214,7 +218,7 @@ def merge(model_dir, adapter_dir, fmt, split, out_dir, dtype, quant, lora_rank, 
     from psoft_export.verify import read_inputs
 
     summary = run(model_dir, adapter_dir, out_dir, fmt, split=split, dtype=dtype, quant=quant, lora_rank=lora_rank,
-                  verify=not no_verify, overwrite=overwrite, texts=read_inputs(inputs))
+                  verify=not no_verify, overwrite=overwrite, texts=read_inputs(inputs), allow_pickle=allow_pickle)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -232,9 +236,10 @@ def merge(model_dir, adapter_dir, fmt, split, out_dir, dtype, quant, lora_rank, 
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="The base model directory.")
 @click.option("--adapter", "adapter_dir", required=True, type=click.Path(), help="The adapter the export was made from.")
 @click.option("--inputs", type=click.Path(), default=None, help="JSONL of {\"text\"} to verify on (default: fixed sentences).")
+@click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @handle_errors
-def verify(export_dir, model_dir, adapter_dir, inputs, as_json) -> None:
+def verify(export_dir, model_dir, adapter_dir, inputs, allow_pickle, as_json) -> None:
     """Run an export in its own runtime and compare it with the PyTorch model plus adapter.
 
     Exit 0 within tolerance, 1 beyond it, 2 for bad input.
@@ -243,7 +248,7 @@ def verify(export_dir, model_dir, adapter_dir, inputs, as_json) -> None:
 
     from psoft_export.verify import verify as run
 
-    report = run(export_dir, model_dir, adapter_dir, inputs)
+    report = run(export_dir, model_dir, adapter_dir, inputs, allow_pickle)
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:

@@ -236,12 +236,12 @@ def check_request(model_dir: Path, adapter_dir: Path, to: str, split: bool, dtyp
 
 def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, to: str, *, split: bool = False,
           dtype: str = "float32", quant: Optional[str] = None, lora_rank: Optional[int] = None, verify: bool = True,
-          overwrite: bool = False, texts: Optional[list[str]] = None) -> dict:
+          overwrite: bool = False, texts: Optional[list[str]] = None, allow_pickle: bool = False) -> dict:
     """Export ``model_dir`` with ``adapter_dir`` to ``out_dir`` as ``to``; verify; return the summary."""
     model_dir, adapter_dir, out_dir = Path(model_dir), Path(adapter_dir), Path(out_dir)
     check_request(model_dir, adapter_dir, to, split, dtype, quant, lora_rank)
     check_output_dir(out_dir, overwrite)
-    model, kind, classes = reference_model(model_dir, adapter_dir)
+    model, kind, classes = reference_model(model_dir, adapter_dir, allow_pickle)
     info = {"format": EXPORT_FORMAT, "to": to, "split": split, "dtype": dtype, "quant": quant, "lora_rank": lora_rank,
             "kind": kind, "classes": classes, "model": str(model_dir), "adapter": str(adapter_dir),
             "method": adapter_io.read_config(adapter_dir)["peft_type"].lower(), "psoft_export": __version__}

@@ -26,7 +26,7 @@ from psoft_export import adapter_io, data as data_mod
 from psoft_export.adapters import OftConfig, PsoftConfig, adapter_layers, inject, parse_targets, select_targets
 from psoft_export.adapters.cayley import orthogonality_error
 from psoft_export.atomic import check_output_dir
-from psoft_export.checkpoint import load_config
+from psoft_export.checkpoint import load_config, loading_kwargs
 from psoft_export.decompose import Decomposition, resolve_device
 from psoft_export.errors import PsoftExportError, UserInputError
 
@@ -137,14 +137,16 @@ def _precision(precision: str, device: str) -> Optional[torch.dtype]:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def _load_model(model_dir: Path, kind: str, classes: list, tokenizer, dtype, device: str) -> tuple[nn.Module, list[str]]:
+def _load_model(model_dir: Path, kind: str, classes: list, tokenizer, dtype, device: str,
+                allow_pickle: bool = False) -> tuple[nn.Module, list[str]]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = load_config(model_dir)
     base_dtype = dtype if dtype is not None else torch.float32
+    safe = loading_kwargs(model_dir, allow_pickle)
     if kind == "classify":
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=len(classes), dtype=base_dtype, output_loading_info=True)
+            model_dir, num_labels=len(classes), dtype=base_dtype, output_loading_info=True, **safe)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         # Modules the checkpoint did not have (the new head, BERT's pooler) are trained and saved with the adapter.
@@ -155,14 +157,15 @@ def _load_model(model_dir: Path, kind: str, classes: list, tokenizer, dtype, dev
             raise UserInputError(
                 f"{model_dir} is an encoder ({config.model_type}): train it on {{\"text\", \"label\"}} data "
                 "(sequence classification), not language-modelling text")
-        model, heads = AutoModelForCausalLM.from_pretrained(model_dir, dtype=base_dtype), []
+        model, heads = AutoModelForCausalLM.from_pretrained(model_dir, dtype=base_dtype, **safe), []
     for head in heads:
         model.get_submodule(head).float()
     return model.to(device), heads
 
 
 def prepare(model_dir: str | Path, data: str | Path, cfg: TrainConfig, decomposition: Optional[str | Path] = None,
-            eval_data: Optional[str | Path] = None, decompose_into: Optional[Path] = None) -> Run:
+            eval_data: Optional[str | Path] = None, decompose_into: Optional[Path] = None,
+            allow_pickle: bool = False) -> Run:
     """Validate every input and build the adapted model; raises :class:`UserInputError` before any output.
 
     PSOFT without ``decomposition`` decomposes the model into ``decompose_into`` (the same code as the
@@ -173,7 +176,7 @@ def prepare(model_dir: str | Path, data: str | Path, cfg: TrainConfig, decomposi
     from psoft_export.decompose import decompose
 
     model_dir = Path(model_dir)
-    load_config(model_dir)
+    loading_kwargs(model_dir, allow_pickle)
     kind, records = data_mod.read_jsonl(data)
     eval_records = data_mod.read_jsonl(eval_data) if eval_data else None
     if eval_records and eval_records[0] != kind:
@@ -200,7 +203,7 @@ def prepare(model_dir: str | Path, data: str | Path, cfg: TrainConfig, decomposi
     train_set = data_mod.tokenize(records, kind, tokenizer, cfg.seq_len, classes)
     eval_set = data_mod.tokenize(eval_records[1], kind, tokenizer, cfg.seq_len, classes) if eval_records else None
     torch.manual_seed(cfg.seed)  # new heads are initialized from this seed
-    model, heads = _load_model(model_dir, kind, classes, tokenizer, dtype, device)
+    model, heads = _load_model(model_dir, kind, classes, tokenizer, dtype, device, allow_pickle)
     inject(model, method_cfg, _targets(model, cfg, decomp, heads), decomp.factors(device) if decomp is not None else None)
     for head in heads:
         model.get_submodule(head).requires_grad_(True)
@@ -399,7 +402,7 @@ def train_loop(run: Run, out_dir: Path, resume: bool = False, progress: Optional
 def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
           decomposition: Optional[str | Path] = None, eval_data: Optional[str | Path] = None,
           resume: bool = False, overwrite: bool = False, progress: Optional[Callable] = None,
-          on_log: Optional[Callable[[dict], None]] = None) -> dict:
+          on_log: Optional[Callable[[dict], None]] = None, allow_pickle: bool = False) -> dict:
     """Train an adapter of ``model_dir`` on ``data`` and write the adapter directory ``out_dir``.
 
     The adapter's subspace lives in ``out_dir/decomposition``: a copy of ``decomposition`` or computed here.
@@ -410,12 +413,15 @@ def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: Tra
     if resume:
         if not out_dir.is_dir():
             raise UserInputError(f"--resume: {out_dir} does not exist: start without --resume")
-        run = prepare(model_dir, data, cfg, stored if cfg.method == "psoft" else None, eval_data)
+        run = prepare(model_dir, data, cfg, stored if cfg.method == "psoft" else None, eval_data,
+                      allow_pickle=allow_pickle)
     else:
         check_output_dir(out_dir, overwrite)
         staging = out_dir.with_name(f".{out_dir.name}.decomposition-{os.getpid()}")
         try:
-            run = prepare(model_dir, data, cfg, decomposition, eval_data, decompose_into=staging)
+            _check_writable(out_dir.parent)
+            run = prepare(model_dir, data, cfg, decomposition, eval_data, decompose_into=staging,
+                          allow_pickle=allow_pickle)
             if out_dir.exists():
                 shutil.rmtree(out_dir)
             out_dir.mkdir(parents=True)
@@ -435,6 +441,17 @@ def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: Tra
             "final_loss": history[-1]["loss"], "eval_loss": history[-1].get("eval_loss"),
             "trainable_parameters": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
             "seconds": sum(h["seconds"] for h in history), "device": run.device}
+
+
+def _check_writable(parent: Path) -> None:
+    """Fail before training, with one line, where the output cannot be written (read-only, missing rights)."""
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".psoft-export-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserInputError(f"cannot write to {parent}: {exc.strerror or exc}; choose another -o") from None
 
 
 def _write_log(out_dir: Path, history: list[dict]) -> None:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from psoft_export import adapter_io
+from psoft_export.checkpoint import loading_kwargs
 from psoft_export.errors import UserInputError, VerificationError
 
 EXPORT_FILE = "export.json"
@@ -82,22 +83,24 @@ def model_kind(model_dir: Path, adapter_dir: Path) -> tuple[str, Optional[list]]
     return ("encoder" if config.model_type in ENCODERS else "causal"), None
 
 
-def load_base(model_dir: Path, kind: str, classes: Optional[list], adapter_dir: Optional[Path] = None) -> nn.Module:
+def load_base(model_dir: Path, kind: str, classes: Optional[list], adapter_dir: Optional[Path] = None,
+              allow_pickle: bool = False) -> nn.Module:
     """The float32 base model of ``kind`` (a classifier sized by the adapter's classes or saved head)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # the new head's "newly initialized" warning: the adapter supplies it
+    safe = loading_kwargs(model_dir, allow_pickle)
     if kind == "classify":
         labels = len(classes) if classes else _saved_labels(adapter_dir)
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=labels, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=labels, dtype=torch.float32, **safe)
         if classes:
             model.config.id2label = {i: str(c) for i, c in enumerate(classes)}
             model.config.label2id = {str(c): i for i, c in enumerate(classes)}
     elif kind == "encoder":
-        model = AutoModel.from_pretrained(model_dir, dtype=torch.float32)
+        model = AutoModel.from_pretrained(model_dir, dtype=torch.float32, **safe)
     else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **safe)
     return model.eval()
 
 
@@ -111,10 +114,10 @@ def _saved_labels(adapter_dir: Optional[Path]) -> int:
     raise UserInputError(f"{adapter_dir}: a SEQ_CLS adapter without a saved classifier head cannot be exported")
 
 
-def reference_model(model_dir: Path, adapter_dir: Path) -> tuple[nn.Module, str, Optional[list]]:
+def reference_model(model_dir: Path, adapter_dir: Path, allow_pickle: bool = False) -> tuple[nn.Module, str, Optional[list]]:
     """The base with the adapter (our loader), its kind and classes: what every export is compared with."""
     kind, classes = model_kind(model_dir, adapter_dir)
-    model = load_base(model_dir, kind, classes, adapter_dir)
+    model = load_base(model_dir, kind, classes, adapter_dir, allow_pickle)
     adapter_io.load_adapter(model, adapter_dir, model_dir)
     return model.eval(), kind, classes
 
@@ -248,12 +251,12 @@ def verify_export(export_dir: Path, info: dict, model_dir: Path, reference: nn.M
 
 
 def verify(export_dir: str | Path, model_dir: str | Path, adapter_dir: str | Path,
-           inputs: Optional[str | Path] = None) -> Report:
+           inputs: Optional[str | Path] = None, allow_pickle: bool = False) -> Report:
     """Verify ``export_dir`` (written by ``merge``) against ``model_dir`` with ``adapter_dir``."""
     export_dir, model_dir, adapter_dir = Path(export_dir), Path(model_dir), Path(adapter_dir)
     info = read_export(export_dir)
     texts = read_inputs(inputs)
-    reference, kind, _ = reference_model(model_dir, adapter_dir)
+    reference, kind, _ = reference_model(model_dir, adapter_dir, allow_pickle)
     compare_to = None
     if info.get("lora_rank"):  # a requested approximation: check the files against what was meant to be written
         from psoft_export.merge import approximated_model

@@ -141,7 +141,9 @@ def test_block_size_that_does_not_divide_names_layer_and_fits():
     with pytest.raises(UserInputError, match=r"block size 5 does not divide in_features=16 of layer: try 2, 4, 8"):
         OftLinear(nn.Linear(16, 8), OftConfig(block_size=5))
     model = load_model("llama")
-    with pytest.raises(UserInputError, match=r"block size 24 does not divide in_features=64 of model\.layers\.0"):
+    with pytest.raises(UserInputError, match=r"block size 24 does not divide the input size of 14 target layer\(s\): "
+                       r"model\.layers\.0\.self_attn\.q_proj \(in=64\), .* and 11 more; block sizes that fit every "
+                       r"target: 4, 8, 16, 32"):
         inject(model, OftConfig(block_size=24))
 
 

@@ -7,14 +7,15 @@ an entry or ends with ``.entry``; a string is a regex that must match the whole 
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn
 
-from psoft_export.adapters.layout import is_linear
-from psoft_export.adapters.oft import OftConfig, OftLinear
+from psoft_export.adapters.layout import features, is_linear
+from psoft_export.adapters.oft import OftConfig, OftLinear, fitting_block_sizes
 from psoft_export.adapters.psoft import PsoftConfig, PsoftLinear
 from psoft_export.errors import UserInputError
 
@@ -129,6 +130,8 @@ def inject(
                 f"the decomposition has no factors for {len(missing)} target(s), e.g. {missing[0]}: "
                 "re-run decompose with the same --targets"
             )
+    if isinstance(config, OftConfig):
+        _check_block_size(model, names, config.block_size)
     layers: dict[str, nn.Module] = {}
     for name in names:  # build every layer first: a bad target leaves the model untouched
         base = model.get_submodule(name)
@@ -143,6 +146,19 @@ def inject(
         layer.requires_grad_(True)
         layer.base_layer.requires_grad_(False)
     return layers
+
+
+def _check_block_size(model: nn.Module, names: list[str], block: int) -> None:
+    """One error naming every layer the block size does not fit, and the sizes that fit them all."""
+    widths = {name: features(model.get_submodule(name))[1] for name in names}
+    failing = [f"{n} (in={w})" for n, w in widths.items() if w % block]
+    if not failing:
+        return
+    common = math.gcd(*widths.values())
+    fits = ", ".join(map(str, fitting_block_sizes(common, block))) or "none (no common divisor >= 2)"
+    shown = ", ".join(failing[:3]) + (f" and {len(failing) - 3} more" if len(failing) > 3 else "")
+    raise UserInputError(f"block size {block} does not divide the input size of {len(failing)} target layer(s): "
+                         f"{shown}; block sizes that fit every target: {fits}")
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:

@@ -1,0 +1,202 @@
+"""Bad input, interruption and untrusted files: one line, exit 2, nothing left; signals keep a resumable run.
+
+Each bad-input case runs the real CLI in-process (click's runner) and asserts the exit code, the message and
+that no output appeared. The signal tests run ``psoft-export train`` in a subprocess and compare the resumed
+adapter with an uninterrupted run bit for bit (CPU, fixed seed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from psoft_export.cli import cli
+from tests.conftest import MODELS
+
+DATA = MODELS.parent / "data"
+LLAMA = str(MODELS / "llama")
+TRAIN = ["--rank", "8", "--steps", "2", "--seq-len", "32", "--batch-size", "4"]
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def invoke(args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def assert_clean_failure(result, message: str, out: Path):
+    assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}"
+    lines = [l for l in result.output.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert "Traceback" not in result.output
+    assert not out.exists(), f"{out} was created"
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")], "a temporary was left"
+
+
+BAD_DATA = {
+    "missing": (None, "does not exist"),
+    "empty": ("\n\n", "has no records"),
+    "invalid-json": ('{"text": "a"}\n{"text": "b"}\n{"text": \n', ":3: invalid JSON"),
+    "not-object": ('["a"]\n', ":1: expected a JSON object"),
+    "missing-field": ('{"prompt": "a", "completion": "b"}\n{"prompt": "c"}\n', ':2: missing field "completion"'),
+    "unknown-fields": ('{"question": "a"}\n', "a record needs"),
+    "label-bool": ('{"text": "a", "label": true}\n{"text": "b", "label": 0}\n', "must be an integer class id"),
+    "label-float": ('{"text": "a", "label": 0.5}\n{"text": "b", "label": 0}\n', "must be an integer class id"),
+    "label-mixed": ('{"text": "a", "label": "x"}\n{"text": "b", "label": 0}\n', "mix integers and strings"),
+    "one-class": ('{"text": "a", "label": 1}\n{"text": "b", "label": 1}\n', "at least two classes"),
+    "text-not-string": ('{"text": 5}\n', 'field "text" must be a string'),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATA))
+def test_train_rejects_bad_data(tmp_path, case):
+    text, message = BAD_DATA[case]
+    data = tmp_path / "data.jsonl"
+    if text is not None:
+        data.write_text(text)
+    out = tmp_path / "adapter"
+    assert_clean_failure(invoke(["train", LLAMA, "--data", data, "-o", out, *TRAIN]), message, out)
+
+
+BAD_OPTIONS = {
+    "rank-too-big": (["--rank", "65"], "rank 65 is invalid"),
+    "rank-zero": (["--rank", "0"], "rank must be a positive integer"),
+    "block-size": (["--method", "oft", "--block-size", "24"], "block sizes that fit every target: 4, 8, 16, 32"),
+    "no-target": (["--targets", "nothing_here"], "no module matched targets nothing_here"),
+    "bf16-on-cpu": (["--precision", "bf16", "--device", "cpu"], "needs a CUDA device"),
+    "lr": (["--lr", "-1"], "--lr must be a positive number"),
+    "resume-nothing": (["--resume"], "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OPTIONS))
+def test_train_rejects_bad_options(tmp_path, case):
+    extra, message = BAD_OPTIONS[case]
+    out = tmp_path / "adapter"
+    args = ["train", LLAMA, "--data", DATA / "train.jsonl", "-o", out, *TRAIN, *extra]
+    assert_clean_failure(invoke(args), message, out)
+
+
+def test_pickled_weights_are_refused_unless_allowed(tmp_path):
+    model = tmp_path / "pickled"
+    model.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (MODELS / "llama" / f).exists():
+            shutil.copy(MODELS / "llama" / f, model / f)
+    torch.save(load_file(MODELS / "llama" / "model.safetensors"), model / "pytorch_model.bin")
+    out = tmp_path / "adapter"
+    args = ["train", model, "--data", DATA / "train.jsonl", "-o", out, "--method", "oft", "--block-size", "16",
+            "--steps", "1", "--seq-len", "32"]
+    assert_clean_failure(invoke(args), "pickled weights", out)
+    result = invoke([*args, "--allow-pickle"])
+    assert result.exit_code == 0, result.output
+    assert (out / "adapter_config.json").is_file()
+
+
+def test_output_parent_that_is_a_file(tmp_path):
+    blocker = write(tmp_path / "file", "x")
+    out = blocker / "adapter"
+    result = invoke(["train", LLAMA, "--data", DATA / "train.jsonl", "-o", out, *TRAIN])
+    assert result.exit_code == 2 and "cannot write to" in result.output and "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def qwen_adapter(tmp_path_factory):
+    out = tmp_path_factory.mktemp("qa") / "adapter"
+    result = invoke(["train", str(MODELS / "qwen2"), "--data", DATA / "train.jsonl", "-o", out, *TRAIN])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_merge_rejects_an_adapter_of_another_model(tmp_path, qwen_adapter):
+    out = tmp_path / "out"
+    result = invoke(["merge", LLAMA, "--adapter", qwen_adapter, "--to", "safetensors", "-o", out])
+    assert_clean_failure(result, "computed from other weights", out)
+
+
+def test_merge_rejects_lora_and_missing_adapters(tmp_path, qwen_adapter):
+    lora = tmp_path / "lora"
+    shutil.copytree(qwen_adapter, lora)
+    config = json.loads((lora / "adapter_config.json").read_text())
+    (lora / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
+    out = tmp_path / "out"
+    assert_clean_failure(invoke(["merge", str(MODELS / "qwen2"), "--adapter", lora, "--to", "onnx", "-o", out]),
+                         "is a LORA adapter", out)
+    assert_clean_failure(invoke(["merge", str(MODELS / "qwen2"), "--adapter", tmp_path / "nope", "--to", "onnx",
+                                 "-o", out]), "is not an adapter directory", out)
+
+
+def test_merge_rejects_a_damaged_adapter_file(tmp_path, qwen_adapter):
+    broken = tmp_path / "broken"
+    shutil.copytree(qwen_adapter, broken)
+    (broken / "adapter_model.safetensors").write_bytes(b"\x00" * 16)
+    out = tmp_path / "out"
+    assert_clean_failure(invoke(["merge", str(MODELS / "qwen2"), "--adapter", broken, "--to", "safetensors",
+                                 "-o", out]), "not a readable safetensors file", out)
+
+
+# ------------------------------------------------------------------------------------------- signals
+
+def _train_cmd(out: Path, steps: int = 8) -> list[str]:
+    return [sys.executable, "-m", "psoft_export", "train", LLAMA, "--data", str(DATA / "train.jsonl"), "-o", str(out),
+            "--rank", "8", "--steps", str(steps), "--seq-len", "32", "--batch-size", "4", "--save-every", "1",
+            "--lr", "1e-2"]
+
+
+def _env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+
+
+def _wait_for_checkpoint(proc, out: Path, step: int, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"train ended early with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
+        if (out / "checkpoints" / f"step-{step:07d}.pt").exists():
+            return
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail(f"no checkpoint for step {step} within {timeout} s")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "adapter"
+    subprocess.run(_train_cmd(out), check=True, env=_env(), capture_output=True)
+    return load_file(out / "psoft_export.safetensors"), [json.loads(l) for l in (out / "train_log.jsonl").open()]
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGKILL, -9), (signal.SIGINT, 130)])
+def test_interrupted_train_resumes_to_the_same_adapter(tmp_path, uninterrupted, sig, code):
+    ref_tensors, ref_log = uninterrupted
+    out = tmp_path / "adapter"
+    proc = subprocess.Popen(_train_cmd(out), env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_checkpoint(proc, out, random.Random(os.getpid()).randint(2, 5))
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, f"{sig!r}: exit {proc.returncode}: {stderr}"
+    if sig == signal.SIGINT:
+        assert "interrupted at step" in stderr and "--resume" in stderr
+    assert not (out / "adapter_config.json").exists(), "an interrupted run must not look finished"
+    assert not list((out / "checkpoints").glob(".*tmp*")) or sig == signal.SIGKILL
+    resumed = subprocess.run(_train_cmd(out) + ["--resume"], env=_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    tensors = load_file(out / "psoft_export.safetensors")
+    assert all(torch.equal(tensors[k], ref_tensors[k]) for k in ref_tensors), "resumed adapter differs (bitwise)"
+    log = [json.loads(l) for l in (out / "train_log.jsonl").open()]
+    assert [h["loss"] for h in log] == [h["loss"] for h in ref_log], "resumed losses differ from the uninterrupted run"

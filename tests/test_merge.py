@@ -23,8 +23,8 @@ from tests.conftest import MODELS
 from tests.test_train import DATA, FAST, randomize
 
 CASES = {
-    "llama-psoft": ("llama", dict(method="psoft", rank=16), "train.jsonl"),
-    "qwen2-psoft": ("qwen2", dict(method="psoft", rank=16, cayley="neumann"), "train.jsonl"),
+    "llama-psoft": ("llama", dict(method="psoft", rank=16, alpha=32), "train.jsonl"),
+    "qwen2-psoft": ("qwen2", dict(method="psoft", rank=16, alpha=8, cayley="neumann"), "train.jsonl"),
     "llama-oft": ("llama", dict(method="oft", block_size=16), "train.jsonl"),
     "gpt2-psoft": ("gpt2", dict(method="psoft", rank=16), "train.jsonl"),
     "bert-psoft": ("bert", dict(method="psoft", rank=16), "classify.jsonl"),

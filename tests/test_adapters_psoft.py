@@ -253,3 +253,31 @@ def test_bad_inputs_raise_user_errors():
         PsoftConfig(rank=0)
     with pytest.raises(UserInputError, match="nn.Linear or Conv1D"):
         PsoftLinear(nn.Embedding(10, 4), PsoftConfig(rank=2))
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_fused_merged_path_matches_per_token_path(conv1d):
+    """psoft_export.adapters.fused: the merged (transient W + sBMA) and per-token formulations, and the unfused
+    autograd reference, give the same outputs and gradients (x, base weight/bias, q, vectors) in float64."""
+    layer = make_layer(conv1d, torch.float64)
+    x = torch.randn(2, 5, 16, dtype=torch.float64)
+    w = torch.linspace(-1, 1, 2 * 5 * 24, dtype=torch.float64).view(2, 5, 24)
+    results = {}
+    for path in ("token", "merged", "autograd"):
+        layer.zero_grad(set_to_none=True)
+        layer.path = path
+        xx = x.clone().requires_grad_(True)
+        y = layer(xx)
+        (y * w).sum().backward()
+        results[path] = [y, xx.grad] + [p.grad for _, p in layer.named_parameters()]
+    for path in ("merged", "autograd"):
+        for a, b in zip(results["token"], results[path]):
+            assert rel_err(a, b) < 1e-10, f"{path} vs token: rel err {rel_err(a, b):.2e} (float64, tol 1e-10)"
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+@pytest.mark.parametrize("path", ["token", "merged"])
+def test_fused_paths_gradcheck(conv1d, path):
+    layer = make_layer(conv1d, torch.float64)
+    layer.path = path
+    assert_gradcheck(layer, 16)

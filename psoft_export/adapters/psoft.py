@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from psoft_export.adapters import cayley as cay
-from psoft_export.adapters.layout import features, is_linear, weight_out_in
+from psoft_export.adapters import fused
+from psoft_export.adapters.layout import features, is_fan_in_fan_out, is_linear, weight_out_in
 from psoft_export.errors import UserInputError
 from psoft_export.subspace import INITS, SVD_BACKENDS, Subspace, check_rank, principal_subspace, psoft_factors
 
@@ -127,6 +128,10 @@ class PsoftLinear(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self.scaling = config.scaling
         self.merged = False
+        # How the training step computes the update (psoft_export.adapters.fused): "auto" picks per call between
+        # the per-token low-rank path and a transient merged weight by FLOP count; "token"/"merged" force one;
+        # "autograd" runs the unfused reference (three F.linear calls, autograd saves what it needs).
+        self.path = "auto"
 
     @property
     def rank(self) -> int:
@@ -159,12 +164,22 @@ class PsoftLinear(nn.Module):
         core = self._core() / self.scaling
         return core @ self.A, self.B.clone()
 
+    def _fusable(self) -> bool:
+        """The fused node needs frozen ``A``, ``B`` and no active dropout (the adapter path then sees the base's ``x``)."""
+        if self.path == "autograd" or self.A.requires_grad or self.B.requires_grad:
+            return False
+        return isinstance(self.dropout, nn.Identity) or not self.training or self.dropout.p == 0
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
         if self.merged:
-            return y
-        dtype = x.dtype
-        xa = F.linear(self.dropout(x), self.A.to(dtype))
+            return self.base_layer(x)
+        if self._fusable():
+            base = self.base_layer
+            return fused.psoft_linear(x, base.weight, base.bias, self.A, self.B, self._core(),
+                                      is_fan_in_fan_out(base), self.path)
+        y = self.base_layer(x)
+        dtype = y.dtype
+        xa = F.linear(self.dropout(x).to(dtype), self.A.to(dtype))
         return y + F.linear(F.linear(xa, self._core().to(dtype)), self.B.to(dtype))
 
     @torch.no_grad()

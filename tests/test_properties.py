@@ -458,12 +458,6 @@ def test_oft_layer_matches_float64_recompute_or_raises(case):
 # ------------------------------------------------------------------------------------------- a known failing corner
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=torch.linalg.LinAlgError,
-    reason="bug: Neumann terms with 4 | (t - 1) (PEFT's default t = 5) give a singular R when Q has an eigenvalue "
-    "+-1i; merge() destroys W and unmerge() crashes with LinAlgError instead of a UserInputError",
-)
 def test_oft_unmerge_of_singular_neumann_rotation():
     """``p(z) = 1 + 2z + 2z^2 + 2z^3 + z^4 = (1 + z)(1 + z + z^2 + z^3)`` vanishes at ``z = i``: with ``b = 2`` and
     ``q = 1`` (``Q = [[0, 1], [-1, 0]]``, eigenvalues ``+-i``), ``R = 0``. A clean outcome is a ``UserInputError``
@@ -474,9 +468,18 @@ def test_oft_unmerge_of_singular_neumann_rotation():
     with torch.no_grad():
         layer.q.fill_(1.0)
     assert float(layer.rotation().detach().abs().max()) == 0.0
-    try:
+    with pytest.raises(UserInputError, match="rotation is singular"):
         layer.merge()
-        layer.unmerge()
-    except UserInputError:
-        return
-    torch.testing.assert_close(base.weight.detach(), W)
+    assert torch.equal(base.weight.detach(), W) and not layer.merged, "a refused merge must leave W untouched"
+
+
+@pytest.mark.parametrize("bad", [5.5, 2.5, True])
+def test_non_integer_neumann_terms_and_bool_rank_are_refused(bad):
+    from psoft_export.adapters import PsoftConfig
+
+    with pytest.raises(UserInputError, match="neumann_terms must be"):
+        OftConfig(block_size=4, neumann_terms=bad)
+    with pytest.raises(UserInputError, match="neumann_terms must be"):
+        PsoftConfig(rank=4, neumann_terms=bad)
+    with pytest.raises(UserInputError, match="rank must be a positive integer"):
+        PsoftConfig(rank=True)

@@ -40,8 +40,8 @@ class OftConfig:
         if not isinstance(self.block_size, int) or self.block_size < 2:
             raise UserInputError(f"block_size must be an integer >= 2, got {self.block_size!r}")
         _choice("cayley", self.cayley, CAYLEY_MODES)
-        if self.neumann_terms < 1:
-            raise UserInputError(f"neumann_terms must be >= 1, got {self.neumann_terms}")
+        if not isinstance(self.neumann_terms, int) or isinstance(self.neumann_terms, bool) or self.neumann_terms < 1:
+            raise UserInputError(f"neumann_terms must be an integer >= 1, got {self.neumann_terms!r}")
         if self.neumann_eps is not None and not 0.0 < self.neumann_eps < 1.0:
             raise UserInputError(f"neumann_eps must be in (0, 1), got {self.neumann_eps}")
 
@@ -124,9 +124,22 @@ class OftLinear(nn.Module):
     def merge(self) -> None:
         if self.merged:
             return
+        self._check_invertible()
         W = weight_out_in(self.base_layer)
         W.copy_(self.merged_weight().to(W.dtype))
         self.merged = True
+
+    def _check_invertible(self, floor: float = 1e-3) -> None:
+        """Refuse to merge a (near-)singular rotation: the merge could not be undone and W would be lost.
+
+        PEFT's Neumann polynomial with ``4 | (terms - 1)`` (its default 5) vanishes at eigenvalues ``+-i`` of Q.
+        """
+        smallest = float(torch.linalg.svdvals(self.rotation_blocks().to(torch.float64)).min())
+        if smallest < floor:
+            raise UserInputError(
+                f"the OFT rotation is singular (smallest singular value {smallest:.1e}): merging would destroy the "
+                "weight; train with an even --neumann-terms or a Neumann norm bound below 1"
+            )
 
     @torch.no_grad()
     def unmerge(self) -> None:

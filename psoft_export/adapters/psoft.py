@@ -54,7 +54,7 @@ class PsoftConfig:
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter path's input."})
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank <= 0:
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
             raise UserInputError(f"rank must be a positive integer, got {self.rank!r}")
         if not self.alpha > 0:
             raise UserInputError(f"alpha must be > 0, got {self.alpha!r}")
@@ -63,8 +63,8 @@ class PsoftConfig:
         _choice("cayley", self.cayley, CAYLEY_MODES)
         if self.niter < 0:
             raise UserInputError(f"niter must be >= 0, got {self.niter}")
-        if self.neumann_terms < 1:
-            raise UserInputError(f"neumann_terms must be >= 1, got {self.neumann_terms}")
+        if not isinstance(self.neumann_terms, int) or isinstance(self.neumann_terms, bool) or self.neumann_terms < 1:
+            raise UserInputError(f"neumann_terms must be an integer >= 1, got {self.neumann_terms!r}")
         if self.neumann_eps is not None and not 0.0 < self.neumann_eps < 1.0:
             raise UserInputError(f"neumann_eps must be in (0, 1), got {self.neumann_eps}")
         if not 0.0 <= self.dropout < 1.0:

@@ -76,6 +76,18 @@ EXCLUDED = {
 ROUTES = [(case, to, split) for case in CASES for to, split in ALL_ROUTES if (case, to, split) not in EXCLUDED]
 
 
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> None:
+    """Seeded adapter parameters that move the outputs well beyond any tolerance (generators ~ N(0, std),
+    vectors 1 + N(0, 0.1)): what goldens and tests export, so a dropped adapter cannot pass."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in adapter_layers(model).values():
+            layer.q.normal_(0.0, std, generator=g)
+            for vec in (getattr(layer, "vector_a", None), getattr(layer, "vector_b", None)):
+                if vec is not None:
+                    vec.add_(0.1 * torch.randn(vec.shape, generator=g))
+
+
 def route_name(to: str, split: bool) -> str:
     return f"{to}-{'split' if split else 'merged'}"
 
@@ -120,13 +132,7 @@ def build_adapter(case: Case, out: Path) -> None:
         trained = scratch / "trained"
         train(model_dir, DATA / case.data, trained, cfg, decomposition=decomposition)
         model, kind, classes = reference_model(model_dir, trained)
-        g = torch.Generator().manual_seed(SEED)
-        with torch.no_grad():
-            for layer in adapter_layers(model).values():
-                layer.q.normal_(0.0, RANDOM_STD, generator=g)
-                for vec in (getattr(layer, "vector_a", None), getattr(layer, "vector_b", None)):
-                    if vec is not None:
-                        vec.add_(0.1 * torch.randn(vec.shape, generator=g))
+        randomize(model, SEED, RANDOM_STD)
         heads = json.loads((trained / adapter_io.META_FILE).read_text())["heads"]
         adapter_io.save_adapter(trained, model, cfg.method_config(), base_model=f"fixtures/models/{case.model}",
                                 task="classify" if kind == "classify" else "causal", classes=classes, heads=heads)

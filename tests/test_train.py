@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from psoft_export import adapter_io
 from psoft_export.adapters import adapter_layers
 from psoft_export.errors import UserInputError
+from psoft_export.golden import randomize
 from psoft_export.train import TrainConfig, TrainingDiverged, train
 from tests.conftest import MODELS, model_inputs, outputs, rel_err
 
@@ -113,16 +114,6 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- PEFT both ways
-
-def randomize(model, seed=0, std=0.1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for layer in adapter_layers(model).values():
-            layer.q.normal_(0.0, std, generator=g)
-            for vec in (getattr(layer, "vector_a", None), getattr(layer, "vector_b", None)):
-                if vec is not None:
-                    vec.add_(0.1 * torch.randn(vec.shape, generator=g))
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):

@@ -76,9 +76,13 @@ EXCLUDED = {
 ROUTES = [(case, to, split) for case in CASES for to, split in ALL_ROUTES if (case, to, split) not in EXCLUDED]
 
 
-def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> None:
+def randomize(model: "torch.nn.Module", seed: int = 0, std: float = 0.1) -> None:
     """Seeded adapter parameters that move the outputs well beyond any tolerance (generators ~ N(0, std),
     vectors 1 + N(0, 0.1)): what goldens and tests export, so a dropped adapter cannot pass."""
+    import torch
+
+    from psoft_export.adapters import adapter_layers
+
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in adapter_layers(model).values():

@@ -364,7 +364,7 @@ def train_loop(run: Run, out_dir: Path, resume: bool = False, progress: Optional
                     loss = model(**batch).loss
                 if not torch.isfinite(loss):
                     kept = f"last good checkpoint {last_good}" if last_good else "no checkpoint was written yet"
-                    raise TrainingDiverged(f"loss became {float(loss)} at step {step + 1}; {kept}: lower --lr "
+                    raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}; {kept}: lower --lr "
                                            "(or use --cayley exact) and run again with --resume")
                 loss = loss / cfg.grad_accum
                 (scaler.scale(loss) if scaler else loss).backward()

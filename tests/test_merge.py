@@ -173,3 +173,48 @@ def test_verify_cli_exit_codes(adapters, tmp_path):
     missing = CliRunner().invoke(cli, ["verify", str(tmp_path / "nope"), "--model", str(MODELS / model), "--adapter",
                                        str(adapter)])
     assert missing.exit_code == 2 and "not an export" in missing.output
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_safetensors_within_their_tolerance(adapters, tmp_path, dtype):
+    from safetensors import safe_open
+
+    model, adapter, _ = adapters["llama-psoft"]
+    report = merge(MODELS / model, adapter, tmp_path / "out", "safetensors", dtype=dtype)["verification"]
+    assert report["ok"], report
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        key = "model.layers.0.self_attn.q_proj.weight"
+        assert f.get_tensor(key).dtype == getattr(torch, dtype), f"{key} was not written as {dtype}"
+
+
+@pytest.mark.slow
+def test_llama_cpp_converter_takes_the_merged_output_unchanged(tmp_path):
+    """GGUF-ready: llama.cpp's own convert_hf_to_gguf.py converts our merged safetensors directory (tiny Llama
+    with a real Llama-3 tokenizer), and llama.cpp's logits on it equal the PyTorch model with the adapter."""
+    pytest.importorskip("llama_cpp")
+    from converters import gguf as gg
+    from psoft_export.adapters import OftConfig, inject
+    from psoft_export.golden import randomize
+    from tests.llama_cpp_tools import llama_cpp_source, run_converter, tiny_llama3_dir
+
+    src = llama_cpp_source()
+    if src is None:
+        pytest.skip("pip download of the llama-cpp-python sdist failed (offline?)")
+    base_dir = tiny_llama3_dir(src, tmp_path / "tiny-llama3")
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+    cfg = OftConfig(block_size=16, cayley="neumann")
+    inject(model, cfg)
+    randomize(model, seed=1, std=0.2)
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    adapter_io.save_adapter(adapter, model, cfg, base_model=str(base_dir))
+    merge(base_dir, adapter, tmp_path / "merged", "safetensors")
+    run_converter(src, tmp_path / "merged", tmp_path / "converted.gguf")
+    tokens = [128000, 791, 2579, 39935, 6439, 304, 279, 10411, 13, 15, 220]
+    with torch.no_grad():
+        want = model(torch.tensor([tokens])).logits[0]
+        plain = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()(torch.tensor([tokens])).logits[0]
+    assert float((plain - want).abs().max() / want.abs().max()) > 0.05, "the adapter must move the logits"
+    got = torch.from_numpy(gg.run_logits(tmp_path / "converted.gguf", tokens))
+    err = float((got - want).abs().max() / want.abs().max())
+    assert err <= 2e-3, f"convert_hf_to_gguf on our merged output vs PyTorch+adapter: rel err {err:.2e} > 2e-3"

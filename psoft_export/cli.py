@@ -25,6 +25,14 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C so every ``finally`` (temporary outputs) runs before exit code 143."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
 def handle_errors(command):
     """Turn the package's errors into one line and an exit code; full tracebacks only with ``--debug``."""
 
@@ -39,6 +47,8 @@ def handle_errors(command):
             _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
+        except Terminated:
+            _fail("terminated", 143)
 
     return wrapper
 
@@ -259,6 +269,9 @@ def verify(export_dir, model_dir, adapter_dir, inputs, allow_pickle, as_json) ->
 
 
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)  # train installs its own handler around the loop (checkpoint first)
     cli(prog_name="psoft-export")
 
 

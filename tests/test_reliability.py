@@ -200,3 +200,22 @@ def test_interrupted_train_resumes_to_the_same_adapter(tmp_path, uninterrupted, 
     assert all(torch.equal(tensors[k], ref_tensors[k]) for k in ref_tensors), "resumed adapter differs (bitwise)"
     log = [json.loads(l) for l in (out / "train_log.jsonl").open()]
     assert [h["loss"] for h in log] == [h["loss"] for h in ref_log], "resumed losses differ from the uninterrupted run"
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_interrupted_merge_leaves_nothing(tmp_path, qwen_adapter, sig, code):
+    """SIGTERM/SIGINT while merge writes: exit 143/130, no output directory and no temporary left behind."""
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "psoft_export", "merge", str(MODELS / "qwen2"), "--adapter",
+                             str(qwen_adapter), "--to", "onnx", "-o", str(out)], env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.tmp-*")):
+        assert proc.poll() is None, f"merge ended before it was interrupted: {proc.communicate()}"
+        assert time.time() < deadline, "merge never created its temporary directory"
+        time.sleep(0.02)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code, f"exit {proc.returncode}: {stderr}"
+    assert "Traceback" not in stderr
+    assert not out.exists() and not list(tmp_path.iterdir()), f"left behind: {list(tmp_path.iterdir())}"

@@ -218,3 +218,45 @@ def test_llama_cpp_converter_takes_the_merged_output_unchanged(tmp_path):
     got = torch.from_numpy(gg.run_logits(tmp_path / "converted.gguf", tokens))
     err = float((got - want).abs().max() / want.abs().max())
     assert err <= 2e-3, f"convert_hf_to_gguf on our merged output vs PyTorch+adapter: rel err {err:.2e} > 2e-3"
+
+
+@pytest.mark.parametrize("kind", ["psoft", "oft"])
+def test_peft_trained_adapters_export_like_ours(tmp_path, kind):
+    """An adapter made by PEFT itself (no psoft-export files) goes through merge and verify unchanged."""
+    from peft import OFTConfig, get_peft_model
+    from peft import PsoftConfig as PeftPsoftConfig
+
+    base = AutoModelForCausalLM.from_pretrained(MODELS / "qwen2").eval()
+    cfg = (PeftPsoftConfig(r=8, psoft_alpha=16, target_modules="all-linear") if kind == "psoft"
+           else OFTConfig(r=0, oft_block_size=16, target_modules="all-linear", use_cayley_neumann=True))
+    peft_model = get_peft_model(base, cfg)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "psoft_R" in name or "oft_R" in name:
+                p.add_(0.2 * torch.randn(p.shape, generator=g))
+    peft_model.save_pretrained(tmp_path / "peft")
+    to, split = ("gguf", True) if kind == "psoft" else ("onnx", True)
+    if to == "gguf":
+        pytest.importorskip("llama_cpp")
+    summary = merge(MODELS / "qwen2", tmp_path / "peft", tmp_path / "out", to, split=split)
+    assert summary["verification"]["ok"], summary["verification"]
+    # the reference the check used is PEFT's own model: compare it with PEFT directly
+    ours, kind_, _ = reference_model(MODELS / "qwen2", tmp_path / "peft")
+    inputs = fixed_inputs(MODELS / "qwen2")
+    with torch.no_grad():
+        theirs = peft_model.eval()(**inputs).logits
+    err = float((torch.from_numpy(torch_outputs(ours, inputs, kind_)) - theirs).abs().max() / theirs.abs().max())
+    assert err <= 1e-5, f"our reference for a PEFT {kind} adapter differs from PEFT by {err:.2e}"
+
+
+def test_verify_inputs_file(adapters, tmp_path):
+    model, adapter, _ = adapters["llama-psoft"]
+    merge(MODELS / model, adapter, tmp_path / "out", "onnx")
+    inputs = tmp_path / "inputs.jsonl"
+    inputs.write_text('{"text": "The owl and the fox."}\n{"text": "A quiet morning in the forest, with rain."}\n')
+    report = verify(tmp_path / "out", MODELS / model, adapter, inputs)
+    assert report.ok, report.to_dict()
+    bad = CliRunner().invoke(cli, ["verify", str(tmp_path / "out"), "--model", str(MODELS / model), "--adapter",
+                                   str(adapter), "--inputs", str(tmp_path / "missing.jsonl")])
+    assert bad.exit_code == 2 and "does not exist" in bad.output

@@ -228,7 +228,8 @@ def merge(model_dir, adapter_dir, fmt, split, out_dir, dtype, quant, lora_rank, 
     from psoft_export.verify import read_inputs
 
     summary = run(model_dir, adapter_dir, out_dir, fmt, split=split, dtype=dtype, quant=quant, lora_rank=lora_rank,
-                  verify=not no_verify, overwrite=overwrite, texts=read_inputs(inputs), allow_pickle=allow_pickle)
+                  verify=not no_verify, overwrite=overwrite, texts=read_inputs(inputs), allow_pickle=allow_pickle,
+                  on_stage=lambda name: click.echo(f"merge: {name} ...", err=True))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

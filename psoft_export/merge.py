@@ -23,7 +23,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -236,16 +236,23 @@ def check_request(model_dir: Path, adapter_dir: Path, to: str, split: bool, dtyp
 
 def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, to: str, *, split: bool = False,
           dtype: str = "float32", quant: Optional[str] = None, lora_rank: Optional[int] = None, verify: bool = True,
-          overwrite: bool = False, texts: Optional[list[str]] = None, allow_pickle: bool = False) -> dict:
-    """Export ``model_dir`` with ``adapter_dir`` to ``out_dir`` as ``to``; verify; return the summary."""
+          overwrite: bool = False, texts: Optional[list[str]] = None, allow_pickle: bool = False,
+          on_stage: Optional[Callable[[str], None]] = None) -> dict:
+    """Export ``model_dir`` with ``adapter_dir`` to ``out_dir`` as ``to``; verify; return the summary.
+
+    ``on_stage`` is told each stage as it starts (loading, exporting, verifying), for progress display.
+    """
+    stage = on_stage or (lambda name: None)
     model_dir, adapter_dir, out_dir = Path(model_dir), Path(adapter_dir), Path(out_dir)
     check_request(model_dir, adapter_dir, to, split, dtype, quant, lora_rank)
     check_output_dir(out_dir, overwrite)
+    stage("loading the model and the adapter")
     model, kind, classes = reference_model(model_dir, adapter_dir, allow_pickle)
     info = {"format": EXPORT_FORMAT, "to": to, "split": split, "dtype": dtype, "quant": quant, "lora_rank": lora_rank,
             "kind": kind, "classes": classes, "model": str(model_dir), "adapter": str(adapter_dir),
             "method": adapter_io.read_config(adapter_dir)["peft_type"].lower(), "psoft_export": __version__}
     with atomic_output_dir(out_dir, overwrite) as tmp:
+        stage(f"writing the {'split' if split else 'merged'} {to} export")
         if split:
             files, errors = _split(to, model, model_dir, adapter_dir, tmp, dtype, quant, lora_rank, kind)
         else:
@@ -255,6 +262,7 @@ def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, t
             info["lora_approximation"] = {"max_rel_err": max(errors.values()), "per_module": errors}
         (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if verify:
+            stage("verifying it in its runtime")
             compare_to = approximated_model(model_dir, adapter_dir, lora_rank) if lora_rank else None
             report = verify_export(tmp, info, model_dir, model, kind, texts, compare_to)
             info["verification"] = report.to_dict()

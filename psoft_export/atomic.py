@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 from psoft_export.errors import UserInputError
 
@@ -37,14 +37,28 @@ def atomic_output_dir(path: Path, overwrite: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         _replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno in (errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EDQUOT):
-            raise UserInputError(f"cannot write {path}: {exc.strerror}; free space or choose another -o") from None
+        reason = storage_failure(exc)
+        if reason:
+            raise UserInputError(f"cannot write {path}: {reason}; free space or choose another -o") from None
         raise
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+
+STORAGE_ERRNOS = {errno.ENOSPC: "No space left on device", errno.EROFS: "Read-only file system",
+                  errno.EACCES: "Permission denied", errno.EDQUOT: "Disk quota exceeded"}
+
+
+def storage_failure(exc: BaseException) -> Optional[str]:
+    """The reason when ``exc`` is a full/read-only/forbidden disk, also when a library wraps the OS error
+    (safetensors raises ``SafetensorError: ... (os error 28)``); ``None`` otherwise."""
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        return exc.strerror or STORAGE_ERRNOS[exc.errno]
+    text = str(exc)
+    for number, reason in STORAGE_ERRNOS.items():
+        if f"(os error {number})" in text or reason in text:
+            return reason
+    return None
 
 
 def _replace(tmp: Path, path: Path) -> None:

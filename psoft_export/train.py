@@ -25,7 +25,7 @@ from torch import nn
 from psoft_export import adapter_io, data as data_mod
 from psoft_export.adapters import OftConfig, PsoftConfig, adapter_layers, inject, parse_targets, select_targets
 from psoft_export.adapters.cayley import orthogonality_error
-from psoft_export.atomic import check_output_dir
+from psoft_export.atomic import check_output_dir, storage_failure
 from psoft_export.checkpoint import load_config, loading_kwargs
 from psoft_export.decompose import Decomposition, resolve_device
 from psoft_export.errors import PsoftExportError, UserInputError
@@ -429,14 +429,20 @@ def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: Tra
                 shutil.copytree(decomposition, stored) if decomposition is not None else os.replace(staging, stored)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    summary = train_loop(run, out_dir, resume, progress, on_log)
-    history = summary["history"]
-    _write_log(out_dir, history)
-    extra = {"train": {**asdict(cfg), "steps": run.total_steps, "final_loss": history[-1]["loss"],
-                       "eval_loss": history[-1].get("eval_loss")}}
-    adapter_io.save_adapter(out_dir, run.model, cfg.method_config(), base_model=str(model_dir), task=run.train_set.kind,
-                            classes=run.train_set.labels or None, heads=run.heads, extra=extra)
-    _plot(history, out_dir / PLOT_FILE)
+    try:
+        history = train_loop(run, out_dir, resume, progress, on_log)["history"]
+        _write_log(out_dir, history)
+        extra = {"train": {**asdict(cfg), "steps": run.total_steps, "final_loss": history[-1]["loss"],
+                           "eval_loss": history[-1].get("eval_loss")}}
+        adapter_io.save_adapter(out_dir, run.model, cfg.method_config(), base_model=str(model_dir),
+                                task=run.train_set.kind, classes=run.train_set.labels or None, heads=run.heads,
+                                extra=extra)
+        _plot(history, out_dir / PLOT_FILE)
+    except Exception as exc:
+        reason = storage_failure(exc)
+        if reason is None:
+            raise
+        raise UserInputError(f"cannot write {out_dir}: {reason}; free space and continue with --resume") from None
     return {"output": str(out_dir), "steps": run.total_steps, "first_loss": history[0]["loss"],
             "final_loss": history[-1]["loss"], "eval_loss": history[-1].get("eval_loss"),
             "trainable_parameters": sum(p.numel() for p in run.model.parameters() if p.requires_grad),

@@ -16,7 +16,7 @@ DATA = MODELS.parent / "data"
 def run(*args) -> dict:
     result = CliRunner().invoke(cli, [str(a) for a in args])
     assert result.exit_code == 0, f"psoft-export {' '.join(map(str, args))}\n{result.output}"
-    return json.loads(result.output) if "--json" in args else {}
+    return json.loads(result.stdout) if "--json" in args else {}
 
 
 @pytest.mark.parametrize("model", ["llama", "qwen2"])

@@ -219,3 +219,43 @@ def test_interrupted_merge_leaves_nothing(tmp_path, qwen_adapter, sig, code):
     assert proc.returncode == code, f"exit {proc.returncode}: {stderr}"
     assert "Traceback" not in stderr
     assert not out.exists() and not list(tmp_path.iterdir()), f"left behind: {list(tmp_path.iterdir())}"
+
+
+# ------------------------------------------------------------------------------------------- full and read-only disks
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 300 KiB tmpfs (root only; skipped where mounting is not allowed) and a read-only one."""
+    full, ro = tmp_path / "full", tmp_path / "ro"
+    full.mkdir(), ro.mkdir()
+    mounted = []
+    try:
+        for where, opts in ((full, "size=300k"), (ro, "ro,size=64k")):
+            if subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True).returncode:
+                pytest.skip("cannot mount a tmpfs here (not root?)")
+            mounted.append(where)
+        yield full, ro
+    finally:
+        for where in mounted:
+            subprocess.run(["umount", str(where)], capture_output=True)
+
+
+@pytest.mark.parametrize("to", ["safetensors", "gguf"])
+def test_full_disk_is_a_clean_error(tiny_disk, qwen_adapter, to):
+    if to == "gguf":
+        pytest.importorskip("llama_cpp")
+    full, _ = tiny_disk
+    result = invoke(["merge", str(MODELS / "qwen2"), "--adapter", qwen_adapter, "--to", to, "-o", full / "out"])
+    assert result.exit_code == 2 and "No space left on device; free space or choose another -o" in result.output, \
+        result.output
+    assert "Traceback" not in result.output and not list(full.iterdir()), list(full.iterdir())
+
+
+def test_read_only_output_is_a_clean_error(tiny_disk, qwen_adapter):
+    _, ro = tiny_disk
+    for args in (["merge", str(MODELS / "qwen2"), "--adapter", qwen_adapter, "--to", "onnx", "-o", ro / "out"],
+                 ["train", LLAMA, "--data", DATA / "train.jsonl", "-o", ro / "adapter", *TRAIN],
+                 ["decompose", LLAMA, "--rank", "4", "-o", ro / "decomp"]):
+        result = invoke(args)
+        assert result.exit_code == 2 and "Read-only file system" in result.output, (args[0], result.output)
+        assert "Traceback" not in result.output

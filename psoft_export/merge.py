@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from psoft_export import __version__, adapter_io
-from psoft_export.adapters import OftLinear, PsoftLinear, adapter_layers, merge_and_unload
+from psoft_export.adapters import OftLinear, PsoftLinear, adapter_layers, merge_and_unload, unload
 from psoft_export.atomic import atomic_output_dir, check_output_dir
 from psoft_export.checkpoint import load_config
 from psoft_export.errors import UserInputError, VerificationError
@@ -73,34 +73,20 @@ def lora_form(model: nn.Module, lora_rank: Optional[int] = None) -> tuple[dict, 
     return factors, float(lora_rank), errors
 
 
-def approximated_model(model_dir: Path, adapter_dir: Path, lora_rank: int) -> nn.Module:
-    """The base with the rank-K LoRA approximation of the adapter merged: what a ``--lora-rank`` export holds."""
-    from psoft_export.adapters.layout import weight_out_in
-
-    model, _, _ = reference_model(model_dir, adapter_dir)
-    factors, alpha, _ = lora_form(model, lora_rank)
-    merged = merge_and_unload(_unmerged_copy(model))
-    with torch.no_grad():
-        for name, (A, B) in factors.items():
-            W = weight_out_in(merged.get_submodule(name))
-            W.add_((alpha / A.shape[0] * B.double() @ A.double()).to(W.dtype))
-    return merged
-
-
-def _unmerged_copy(model: nn.Module) -> nn.Module:
-    """A copy whose adapter layers contribute nothing (identity rotations), so merging leaves the base."""
+def approximated_model(reference: nn.Module, lora_rank: int) -> nn.Module:
+    """A copy of the base with the rank-K LoRA approximation of ``reference``'s adapter merged: what a
+    ``--lora-rank`` export holds."""
     import copy
 
-    clone = copy.deepcopy(model)
+    from psoft_export.adapters.layout import weight_out_in
+
+    factors, alpha, _ = lora_form(reference, lora_rank)
+    base = unload(copy.deepcopy(reference))
     with torch.no_grad():
-        for layer in adapter_layers(clone).values():
-            layer.q.zero_()
-            for attr in ("vector_a", "vector_b"):
-                if getattr(layer, attr, None) is not None:
-                    getattr(layer, attr).fill_(1.0)
-            if isinstance(layer, PsoftLinear) and not layer.config.orth:
-                layer.q.copy_(torch.eye(layer.rank))
-    return clone
+        for name, (A, B) in factors.items():
+            W = weight_out_in(base.get_submodule(name))
+            W.add_((alpha / A.shape[0] * B.double() @ A.double()).to(W.dtype))
+    return base
 
 
 def peft_lora_config(targets: list[str], rank: int, alpha: float, base_model: str, task_type: Optional[str],
@@ -263,7 +249,7 @@ def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, t
         (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if verify:
             stage("verifying it in its runtime")
-            compare_to = approximated_model(model_dir, adapter_dir, lora_rank) if lora_rank else None
+            compare_to = approximated_model(model, lora_rank) if lora_rank else None
             report = verify_export(tmp, info, model_dir, model, kind, texts, compare_to)
             info["verification"] = report.to_dict()
             (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")

@@ -138,12 +138,11 @@ def _precision(precision: str, device: str) -> Optional[torch.dtype]:
 
 
 def _load_model(model_dir: Path, kind: str, classes: list, tokenizer, dtype, device: str,
-                allow_pickle: bool = False) -> tuple[nn.Module, list[str]]:
+                safe: dict) -> tuple[nn.Module, list[str]]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = load_config(model_dir)
     base_dtype = dtype if dtype is not None else torch.float32
-    safe = loading_kwargs(model_dir, allow_pickle)
     if kind == "classify":
         model, info = AutoModelForSequenceClassification.from_pretrained(
             model_dir, num_labels=len(classes), dtype=base_dtype, output_loading_info=True, **safe)
@@ -176,7 +175,7 @@ def prepare(model_dir: str | Path, data: str | Path, cfg: TrainConfig, decomposi
     from psoft_export.decompose import decompose
 
     model_dir = Path(model_dir)
-    loading_kwargs(model_dir, allow_pickle)
+    safe = loading_kwargs(model_dir, allow_pickle)  # validates the weights before any work
     kind, records = data_mod.read_jsonl(data)
     eval_records = data_mod.read_jsonl(eval_data) if eval_data else None
     if eval_records and eval_records[0] != kind:
@@ -203,7 +202,7 @@ def prepare(model_dir: str | Path, data: str | Path, cfg: TrainConfig, decomposi
     train_set = data_mod.tokenize(records, kind, tokenizer, cfg.seq_len, classes)
     eval_set = data_mod.tokenize(eval_records[1], kind, tokenizer, cfg.seq_len, classes) if eval_records else None
     torch.manual_seed(cfg.seed)  # new heads are initialized from this seed
-    model, heads = _load_model(model_dir, kind, classes, tokenizer, dtype, device, allow_pickle)
+    model, heads = _load_model(model_dir, kind, classes, tokenizer, dtype, device, safe)
     inject(model, method_cfg, _targets(model, cfg, decomp, heads), decomp.factors(device) if decomp is not None else None)
     for head in heads:
         model.get_submodule(head).requires_grad_(True)

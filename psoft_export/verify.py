@@ -261,5 +261,5 @@ def verify(export_dir: str | Path, model_dir: str | Path, adapter_dir: str | Pat
     if info.get("lora_rank"):  # a requested approximation: check the files against what was meant to be written
         from psoft_export.merge import approximated_model
 
-        compare_to = approximated_model(model_dir, adapter_dir, info["lora_rank"])
+        compare_to = approximated_model(reference, info["lora_rank"])
     return verify_export(export_dir, info, model_dir, reference, kind, texts, compare_to)

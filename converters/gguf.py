@@ -54,8 +54,8 @@ from gguf import GGMLQuantizationType as QType
 from gguf import GGUFReader, GGUFType, GGUFValueType, GGUFWriter, Keys, LlamaFileType, RopeScalingType, TokenType
 from gguf.constants import GGML_QUANT_SIZES, GGML_QUANT_VERSION
 from gguf.quants import quantize
-from safetensors import safe_open
 
+from psoft_export.checkpoint import ModelSource
 from psoft_export.errors import UserInputError
 
 # HF config.model_type -> GGUF architecture.
@@ -136,30 +136,6 @@ def _gguf_arch(config: dict[str, Any]) -> str:
             "export this model to safetensors or ONNX instead"
         )
     return ARCHITECTURES[model_type]
-
-
-def _weight_files(model_dir: Path) -> dict[str, Path]:
-    """HF tensor name -> the safetensors file holding it (single file or sharded index)."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = _read_json(index)["weight_map"]
-        return {name: model_dir / file for name, file in weight_map.items()}
-    single = model_dir / "model.safetensors"
-    if not single.is_file():
-        raise UserInputError(f"no model.safetensors(.index.json) in {model_dir}: save the model with safetensors")
-    with safe_open(single, framework="pt") as f:
-        return {name: single for name in f.keys()}
-
-
-def _tensor_shape(file: Path, name: str) -> tuple[int, ...]:
-    with safe_open(file, framework="pt") as f:
-        return tuple(f.get_slice(name).get_shape())
-
-
-def _load_float32(file: Path, name: str) -> np.ndarray:
-    # framework="pt": the numpy backend of safetensors cannot read bfloat16.
-    with safe_open(file, framework="pt") as f:
-        return f.get_tensor(name).to(torch.float32).numpy()
 
 
 # ---------------------------------------------------------------- names and layout
@@ -369,23 +345,24 @@ def _tensor_order(name: str) -> tuple[int, int, str]:
 def _plan(model_dir: Path, config: dict[str, Any], arch: str, wanted: QType) -> list[_Planned]:
     tied = bool(config.get("tie_word_embeddings", False))
     plan = []
-    for hf_name, file in _weight_files(model_dir).items():
+    source = ModelSource(model_dir)  # header-checked, one tensor read at a time
+    for hf_name in source.keys():
         if SKIPPED_TENSORS.match(hf_name) or (tied and hf_name == "lm_head.weight"):
             continue
         module, _, kind = hf_name.rpartition(".")
         base = gguf_base_name(arch, module) if kind in ("weight", "bias") else None
         if base is None:
             raise UserInputError(f"cannot map tensor {hf_name!r} to GGUF arch {arch!r}: export a plain HF checkpoint")
-        name, shape = f"{base}.{kind}", _tensor_shape(file, hf_name)
+        name, shape = f"{base}.{kind}", source.shape(hf_name)
         heads = _rope_heads(arch, config, name)
-        load = _loader(file, hf_name, heads)
+        load = _loader(source, hf_name, heads)
         plan.append(_Planned(name, shape, _storage_type(shape, wanted), load))
     return sorted(plan + _extra_tensors(config), key=lambda p: _tensor_order(p.name))
 
 
-def _loader(file: Path, hf_name: str, rope_heads: int | None) -> Callable[[], np.ndarray]:
+def _loader(source: ModelSource, hf_name: str, rope_heads: int | None) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
-        array = _load_float32(file, hf_name)
+        array = source.tensor(hf_name).to(torch.float32).numpy()
         return array if rope_heads is None else interleave_rope_rows(array, rope_heads)
 
     return load
@@ -469,13 +446,14 @@ def export_lora_adapter(
         raise UserInputError(f"LoRA alpha must be > 0, got {alpha} (llama.cpp reads 0 as scale 1)")
     config = _read_json(model_dir / "config.json")
     arch = _gguf_arch(config)
-    files = _weight_files(model_dir)
+    source = ModelSource(model_dir)
+    weights = set(source.keys())
     tensors = {}
     for module, (a, b) in lora.items():
         base = _lora_base(arch, module)
-        if f"{module}.weight" not in files:
+        if f"{module}.weight" not in weights:
             raise UserInputError(f"LoRA module {module!r} has no weight in {model_dir}: check the module names")
-        a_np, b_np = _lora_arrays(module, a, b, _tensor_shape(files[f"{module}.weight"], f"{module}.weight"))
+        a_np, b_np = _lora_arrays(module, a, b, source.shape(f"{module}.weight"))
         heads = _rope_heads(arch, config, f"{base}.weight")
         tensors[f"{base}.weight"] = (a_np, b_np if heads is None else interleave_rope_rows(b_np, heads))
     writer = GGUFWriter(out_path, arch)

@@ -152,7 +152,9 @@ def test_merge_rejects_a_damaged_adapter_file(tmp_path, qwen_adapter):
 
 # ------------------------------------------------------------------------------------------- signals
 
-def _train_cmd(out: Path, steps: int = 8) -> list[str]:
+def _train_cmd(out: Path, steps: int = 60) -> list[str]:
+    # Long enough that the signal, sent after checkpoint 2..5 appears, lands mid-run even on a fast machine
+    # (a step of this tiny model can take ~30 ms; with 8 steps the run sometimes finished first).
     return [sys.executable, "-m", "psoft_export", "train", LLAMA, "--data", str(DATA / "train.jsonl"), "-o", str(out),
             "--rank", "8", "--steps", str(steps), "--seq-len", "32", "--batch-size", "4", "--save-every", "1",
             "--lr", "1e-2"]

@@ -33,6 +33,7 @@ from psoft_export import __version__
 from psoft_export.adapters import OftConfig, OftLinear, PsoftConfig, PsoftLinear, adapter_layers, inject
 from psoft_export.adapters.cayley import skew_symmetric
 from psoft_export.adapters.layout import is_fan_in_fan_out, weight_out_in
+from psoft_export.atomic import atomic_file
 from psoft_export.errors import UserInputError
 from psoft_export.subspace import principal_subspace, psoft_factors
 
@@ -164,19 +165,10 @@ def save_adapter(out_dir: Path, model: nn.Module, cfg: MethodConfig, *, base_mod
     meta = {"format": FORMAT, "method": "psoft" if isinstance(cfg, PsoftConfig) else "oft", "config": cfg.to_dict(),
             "targets": list(layers), "task": task, "classes": classes, "heads": heads,
             "versions": {"psoft_export": __version__, "torch": torch.__version__}, **(extra or {})}
-    _atomic(out_dir / OURS_FILE, lambda p: save_file(ours, str(p), metadata={"format": FORMAT}))
-    _atomic(out_dir / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
-    _atomic(out_dir / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2, default=str) + "\n"))
-    _atomic(out_dir / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_file(out_dir / OURS_FILE, lambda p: save_file(ours, str(p), metadata={"format": FORMAT}))
+    atomic_file(out_dir / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    atomic_file(out_dir / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2, default=str) + "\n"))
+    atomic_file(out_dir / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
 
 
 # ---------------------------------------------------------------- read

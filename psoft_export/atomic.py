@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from psoft_export.errors import UserInputError
 
@@ -59,6 +59,16 @@ def storage_failure(exc: BaseException) -> Optional[str]:
         if f"(os error {number})" in text or reason in text:
             return reason
     return None
+
+
+def atomic_file(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` a temporary sibling of ``path`` and rename it into place: ``path`` is whole or untouched."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _replace(tmp: Path, path: Path) -> None:

@@ -25,7 +25,7 @@ from torch import nn
 from psoft_export import adapter_io, data as data_mod
 from psoft_export.adapters import OftConfig, PsoftConfig, adapter_layers, inject, parse_targets, select_targets
 from psoft_export.adapters.cayley import orthogonality_error
-from psoft_export.atomic import check_output_dir, storage_failure
+from psoft_export.atomic import atomic_file, check_output_dir, storage_failure
 from psoft_export.checkpoint import load_config, loading_kwargs
 from psoft_export.decompose import Decomposition, resolve_device
 from psoft_export.errors import PsoftExportError, UserInputError
@@ -240,9 +240,7 @@ def save_checkpoint(out_dir: Path, run: Run, optimizer, step: int, history: list
     folder = out_dir / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:07d}.pt"
-    tmp = folder / f".{path.name}.tmp-{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_file(path, lambda tmp: torch.save(state, tmp))
     for old in _checkpoint_paths(out_dir)[:-KEEP_CHECKPOINTS]:
         old.unlink(missing_ok=True)
     return path
@@ -460,10 +458,7 @@ def _check_writable(parent: Path) -> None:
 
 
 def _write_log(out_dir: Path, history: list[dict]) -> None:
-    text = "".join(json.dumps(h) + "\n" for h in history)
-    tmp = out_dir / f".{LOG_FILE}.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, out_dir / LOG_FILE)
+    atomic_file(out_dir / LOG_FILE, lambda tmp: tmp.write_text("".join(json.dumps(h) + "\n" for h in history)))
 
 
 def _plot(history: list[dict], path: Path) -> None:

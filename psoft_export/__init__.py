@@ -10,7 +10,7 @@ import importlib
 
 from psoft_export.errors import PsoftExportError, UserInputError, VerificationError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _LAZY = {
     "OftConfig": "psoft_export.adapters",

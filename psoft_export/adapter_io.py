@@ -18,8 +18,9 @@ our files is read as PEFT would read it (subspace recomputed by PEFT's algorithm
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
+import math
 from pathlib import Path
 from typing import Optional, Union
 
@@ -65,7 +66,8 @@ def peft_config(cfg: MethodConfig, targets: list[str], fan_in_fan_out: bool, tas
                 "ab_svd_init": f"{cfg.init}_init", "psoft_svd": "full", "psoft_svd_lowrank_niter": cfg.niter,
                 "random_seed": cfg.seed, "psoft_orth": cfg.orth, "psoft_mag_a": cfg.vector_a,
                 "psoft_mag_b": cfg.vector_b, "use_cayley_neumann": cfg.cayley == "neumann",
-                "num_cayley_neumann_terms": cfg.neumann_terms, "cayley_neumann_eps": cfg.neumann_eps}
+                # PEFT warns about a term count it will not use: write its default then
+                "num_cayley_neumann_terms": cfg.neumann_terms if cfg.cayley == "neumann" else 5, "cayley_neumann_eps": cfg.neumann_eps}
     return {**common, "peft_type": "OFT", "r": 0, "oft_block_size": cfg.block_size, "module_dropout": 0.0,
             "bias": "none", "coft": False, "eps": 6e-05, "block_share": cfg.block_share,
             "use_cayley_neumann": cfg.cayley == "neumann", "num_cayley_neumann_terms": cfg.neumann_terms}
@@ -96,24 +98,31 @@ def method_config(peft: dict, where: str = "adapter") -> MethodConfig:
 
 # ---------------------------------------------------------------- PEFT's basis for PSOFT
 
-def peft_basis_change(layer: PsoftLinear) -> torch.Tensor:
-    """``O`` ``(r, r)`` with ``A_peft ~= O A_ours``: PEFT's full SVD of this weight (on this machine) vs our subspace."""
+# PEFT's PSOFT file is written only when the function PEFT rebuilds from it (its own SVD, recomputed at load)
+# matches ours to this relative error on the layer outputs.
+PEFT_FAITHFUL_RTOL = 1e-5
+PROBE_ROWS = 64
+
+
+def peft_basis_change(layer: PsoftLinear) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(O, A_peft, B_peft)``: PEFT's factors (its full float32 SVD of this weight, on this machine) and ``O``
+    ``(r, r)`` with ``A_peft ~= O A_ours``."""
     cfg = layer.config
     sub = principal_subspace(weight_out_in(layer.base_layer).detach().float(), cfg.rank, svd="full")
-    A_peft, _ = psoft_factors(sub, cfg.scaling, cfg.init)
-    return F.normalize(A_peft.double(), dim=1) @ F.normalize(layer.A.double(), dim=1).T
+    A_peft, B_peft = psoft_factors(sub, cfg.scaling, cfg.init)
+    O = F.normalize(A_peft.double(), dim=1) @ F.normalize(layer.A.double(), dim=1).T
+    return O, A_peft, B_peft
 
 
-def _conjugate(layer: PsoftLinear, O: torch.Tensor, name: str) -> dict[str, torch.Tensor]:
-    """The layer's trainable tensors expressed in the basis ``O``: ``R' = O R O^T``."""
+def _conjugate(layer: PsoftLinear, O: torch.Tensor) -> Optional[dict[str, torch.Tensor]]:
+    """The layer's trainable tensors in the basis ``O`` (``R' = O R O^T``); ``None`` when trained vectors cannot
+    be carried over (``O`` is not a signed identity: PEFT's SVD picked another basis of a near-degenerate
+    subspace, and ``diag(v)`` does not commute with a rotation)."""
     signs = torch.sign(O.diagonal())
     is_signed_identity = float((O - torch.diag(signs)).abs().max()) < 1e-3
     vectors = [v for v in (layer.vector_a, layer.vector_b) if v is not None]
-    if not is_signed_identity and any(float((v - 1).abs().max()) > 0 for v in vectors):
-        raise UserInputError(
-            f"{name}: PEFT's SVD spans this subspace with another basis (repeated singular values) and the trained "
-            "vectors cannot be carried over: use psoft-export's own loader for this adapter"
-        )
+    if not is_signed_identity and any(float((v.detach() - 1).abs().max()) > 0 for v in vectors):
+        return None
     O = torch.diag(signs) if is_signed_identity else O
     q = layer.q.detach().double()
     r = layer.rank
@@ -130,62 +139,152 @@ def _conjugate(layer: PsoftLinear, O: torch.Tensor, name: str) -> dict[str, torc
     return out
 
 
-def peft_tensors(layers: dict[str, nn.Module]) -> dict[str, torch.Tensor]:
-    """The adapter's tensors under PEFT's key names (PSOFT aligned to PEFT's SVD basis, OFT exact mode negated)."""
-    out = {}
+@torch.no_grad()
+def _peft_delta(layer: PsoftLinear, tensors: dict[str, torch.Tensor], A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``s B (R' - I) A`` as PEFT computes it from ``tensors`` and its own factors."""
+    shadow = PsoftLinear(layer.base_layer, layer.config, factors=(A, B))
+    shadow.q.copy_(tensors["weight"])
+    for attr in ("vector_a", "vector_b"):
+        if getattr(shadow, attr) is not None:
+            getattr(shadow, attr).copy_(tensors[attr])
+    return shadow.delta_weight()
+
+
+@torch.no_grad()
+def peft_psoft_form(layer: PsoftLinear, name: str) -> tuple[Optional[dict[str, torch.Tensor]], float, str]:
+    """PEFT's tensors for ``layer`` and the relative error of the layer output PEFT would compute from them
+    (``max |x (dW_peft - dW_ours)^T| / max |x W_ours'^T|`` over seeded Gaussian probe rows); ``None`` and the
+    reason when they cannot represent the adapter."""
+    O, A_peft, B_peft = peft_basis_change(layer)
+    tensors = _conjugate(layer, O)
+    if tensors is None:
+        return None, float("inf"), (f"{name}: PEFT's SVD picks another basis of this subspace (near-equal singular "
+                                    "values) and the trained scaling vectors cannot be carried into it")
+    W = weight_out_in(layer.base_layer).detach().double()
+    ours = layer.delta_weight().double()
+    theirs = _peft_delta(layer, tensors, A_peft, B_peft).double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(PROBE_ROWS, W.shape[1], generator=gen, dtype=torch.float64)
+    err = float((x @ (theirs - ours).T).abs().max() / (x @ (W + ours).T).abs().max().clamp_min(1e-30))
+    return tensors, err, f"{name}: PEFT's recomputed SVD changes the layer output by {err:.1e} (relative)"
+
+
+def peft_tensors(layers: dict[str, nn.Module]) -> tuple[Optional[dict[str, torch.Tensor]], dict]:
+    """The adapter's tensors under PEFT's key names, and a report ``{faithful, rel_err, worst, reason}``.
+
+    PSOFT is aligned to the basis PEFT's SVD will produce and checked by recomputing PEFT's function; when any
+    layer misses :data:`PEFT_FAITHFUL_RTOL` the tensors are ``None``. OFT is exact (its exact mode negated).
+    """
+    out, worst, worst_reason, worst_name = {}, 0.0, "", None
     for name, layer in layers.items():
         if isinstance(layer, PsoftLinear):
-            for attr, t in _conjugate(layer, peft_basis_change(layer), name).items():
-                out[f"{PREFIX}{name}.psoft_R.{attr}"] = t
+            tensors, err, reason = peft_psoft_form(layer, name)
+            if err > worst or worst_name is None:
+                worst, worst_reason, worst_name = err, reason, name
+            if tensors is not None:
+                for attr, t in tensors.items():
+                    out[f"{PREFIX}{name}.psoft_R.{attr}"] = t
         else:
             sign = -1.0 if layer.config.cayley == "exact" else 1.0  # PEFT's exact OFT is cayley(-Q)
             out[f"{PREFIX}{name}.oft_R.weight"] = sign * layer.q.detach()
-    return out
+    faithful = worst <= PEFT_FAITHFUL_RTOL
+    report = {"faithful": faithful, "rel_err": worst if math.isfinite(worst) else None, "worst": worst_name,
+              "tolerance": PEFT_FAITHFUL_RTOL, "reason": None if faithful else worst_reason}
+    return (out if faithful else None), report
+
+
+def _finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise UserInputError(f"{where}: {key} holds NaN or Inf values: the adapter is damaged; retrain or "
+                                 "restore it from a checkpoint")
 
 
 # ---------------------------------------------------------------- write
 
 def save_adapter(out_dir: Path, model: nn.Module, cfg: MethodConfig, *, base_model: str, task: str = "causal",
-                 classes: Optional[list] = None, heads: Optional[list[str]] = None, extra: Optional[dict] = None) -> None:
+                 classes: Optional[list] = None, heads: Optional[list[str]] = None, extra: Optional[dict] = None) -> dict:
     """Write the adapter files of ``model`` (which carries injected layers) into the existing ``out_dir``.
 
-    ``heads`` are module names saved whole (a new classification head). The decomposition, when PSOFT, is
-    written by the caller into ``out_dir/decomposition``. Files are written to temporary names and renamed.
+    Always: ``psoft_export.safetensors`` (our tensors and the heads) and ``psoft_export.json`` (which also holds
+    the PEFT config). PEFT's ``adapter_config.json`` + ``adapter_model.safetensors`` only when PEFT, recomputing
+    its SVD at load, reproduces the adapter (PSOFT; OFT always does). Returns the PEFT report
+    (``{faithful, rel_err, worst, tolerance, reason}``). ``heads`` are module names saved whole (a new
+    classification head). The decomposition, when PSOFT, is written by the caller into
+    ``out_dir/decomposition``. Files are written to temporary names and renamed.
     """
     layers = adapter_layers(model)
     heads = heads or []
-    tensors = {k: v.contiguous() for k, v in peft_tensors(layers).items()}
+    head_state = {}
     for head in heads:
         for p_name, t in model.get_submodule(head).state_dict().items():
-            tensors[f"{PREFIX}{head}.{p_name}"] = t.detach().contiguous()
+            head_state[f"{PREFIX}{head}.{p_name}"] = t.detach().contiguous()
     ours = {f"{n}.{p}": t.detach().contiguous() for n, l in layers.items() for p, t in l.named_parameters(recurse=False)}
+    _finite({**ours, **head_state}, str(out_dir))
+    peft, report = peft_tensors(layers)
     fan = any(is_fan_in_fan_out(l.base_layer) for l in layers.values())
     task_type = "SEQ_CLS" if task == "classify" else "CAUSAL_LM"
     config = peft_config(cfg, sorted({n.rsplit(".", 1)[-1] for n in layers}), fan, task_type, heads, base_model)
     meta = {"format": FORMAT, "method": "psoft" if isinstance(cfg, PsoftConfig) else "oft", "config": cfg.to_dict(),
-            "targets": list(layers), "task": task, "classes": classes, "heads": heads,
-            "versions": {"psoft_export": __version__, "torch": torch.__version__}, **(extra or {})}
-    atomic_file(out_dir / OURS_FILE, lambda p: save_file(ours, str(p), metadata={"format": FORMAT}))
-    atomic_file(out_dir / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+            "targets": list(layers), "task": task, "classes": classes, "heads": heads, "peft_config": config,
+            "peft_form": report, "versions": {"psoft_export": __version__, "torch": torch.__version__}, **(extra or {})}
+    atomic_file(out_dir / OURS_FILE, lambda p: save_file({**ours, **head_state}, str(p), metadata={"format": FORMAT}))
+    if peft is not None:
+        tensors = {**{k: v.contiguous() for k, v in peft.items()}, **head_state}
+        atomic_file(out_dir / WEIGHTS_FILE, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+        meta["peft_sha256"] = file_sha256(out_dir / WEIGHTS_FILE)
+        atomic_file(out_dir / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    else:  # a re-save (--resume) must not leave an earlier, now stale PEFT form beside the new tensors
+        (out_dir / CONFIG_FILE).unlink(missing_ok=True)
+        (out_dir / WEIGHTS_FILE).unlink(missing_ok=True)
     atomic_file(out_dir / META_FILE, lambda p: p.write_text(json.dumps(meta, indent=2, default=str) + "\n"))
-    atomic_file(out_dir / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n"))
+    return report
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- read
 
-def read_config(adapter_dir: Path) -> dict:
-    adapter_dir = Path(adapter_dir)
-    if not (adapter_dir / CONFIG_FILE).is_file():
-        raise UserInputError(f"{adapter_dir} is not an adapter directory (no {CONFIG_FILE}): pass the directory 'train' wrote")
-    try:
-        return json.loads((adapter_dir / CONFIG_FILE).read_text())
-    except ValueError as exc:
-        raise UserInputError(f"{adapter_dir / CONFIG_FILE} is not valid JSON ({exc}): re-save the adapter") from None
-
-
 def read_meta(adapter_dir: Path) -> Optional[dict]:
+    """``psoft_export.json`` (our adapters) or ``None`` (a PEFT directory)."""
     path = Path(adapter_dir) / META_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserInputError(f"{path} is not valid JSON ({exc}): re-save the adapter (train --resume)") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("targets"), list):
+        raise UserInputError(f"{path} is not a psoft-export adapter record (format {FORMAT}): re-save the adapter")
+    return meta
+
+
+def read_config(adapter_dir: Path) -> dict:
+    """The adapter's PEFT config: ``adapter_config.json``, or the copy in ``psoft_export.json`` when PEFT's
+    form was not written (see :func:`save_adapter`)."""
+    adapter_dir = Path(adapter_dir)
+    if not adapter_dir.is_dir():
+        raise UserInputError(f"adapter directory {adapter_dir} does not exist: pass the directory 'train' wrote")
+    if (adapter_dir / CONFIG_FILE).is_file():
+        try:
+            config = json.loads((adapter_dir / CONFIG_FILE).read_text())
+        except ValueError as exc:
+            raise UserInputError(f"{adapter_dir / CONFIG_FILE} is not valid JSON ({exc}): re-save the adapter") from None
+    else:
+        meta = read_meta(adapter_dir)
+        if meta is None or not isinstance(meta.get("peft_config"), dict):
+            raise UserInputError(f"{adapter_dir} is not an adapter directory (no {CONFIG_FILE}): pass the directory "
+                                 "'train' wrote")
+        config = meta["peft_config"]
+    if not isinstance(config, dict):
+        raise UserInputError(f"{adapter_dir / CONFIG_FILE} is not a JSON object: re-save the adapter")
+    return config
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -193,9 +292,11 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         raise UserInputError(f"{path} is missing: the adapter directory is incomplete")
     try:
         with safe_open(str(path), "pt") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as exc:  # safetensors raises several types for a damaged file
         raise UserInputError(f"{path} is not a readable safetensors file ({exc}): re-save the adapter") from None
+    _finite(tensors, str(path))
+    return tensors
 
 
 def _targets_from_keys(keys, module_key: str) -> list[str]:
@@ -204,11 +305,21 @@ def _targets_from_keys(keys, module_key: str) -> list[str]:
     return sorted(names)
 
 
+def _check_peft_file(adapter_dir: Path, meta: dict) -> None:
+    """Our loads read our tensors; PEFT reads ``adapter_model.safetensors``. Refuse a directory where that file
+    is not the one we wrote (edited, replaced, damaged), since the two would then run different functions."""
+    path = adapter_dir / WEIGHTS_FILE
+    expected = meta.get("peft_sha256")
+    if path.is_file() and expected is not None and file_sha256(path) != expected:
+        raise UserInputError(f"{path} is not the file psoft-export wrote (its sha256 differs from "
+                             f"{META_FILE}): PEFT would load another adapter; re-save it (train --resume) or remove it")
+
+
 def load_adapter(model: nn.Module, adapter_dir: Path, model_dir: Optional[Path] = None) -> dict[str, nn.Module]:
     """Inject the adapter stored in ``adapter_dir`` (ours or PEFT's) into ``model`` and return its layers.
 
-    Our directories load the stored subspace (checked against ``model_dir``'s weights when given); PEFT's
-    directories are read as PEFT reads them.
+    Our directories load our tensors and the stored subspace (checked against ``model_dir``'s weights when
+    given); PEFT's directories are read as PEFT reads them.
     """
     from psoft_export.decompose import Decomposition
 
@@ -216,37 +327,62 @@ def load_adapter(model: nn.Module, adapter_dir: Path, model_dir: Optional[Path] 
     peft = read_config(adapter_dir)
     cfg = method_config(peft, str(adapter_dir))
     meta = read_meta(adapter_dir)
-    tensors = _read_tensors(adapter_dir / WEIGHTS_FILE)
-    targets = _targets_from_keys(tensors, MODULE_KEY[peft["peft_type"]])
+    if meta is not None:
+        _check_peft_file(adapter_dir, meta)
+        tensors = _read_tensors(adapter_dir / OURS_FILE)
+        targets = list(meta["targets"])
+    else:
+        tensors = _read_tensors(adapter_dir / WEIGHTS_FILE)
+        targets = _targets_from_keys(tensors, MODULE_KEY[peft["peft_type"]])
     if not targets:
-        raise UserInputError(f"{adapter_dir / WEIGHTS_FILE} holds no {peft['peft_type']} tensors: the file does not match its config")
+        raise UserInputError(f"{adapter_dir} holds no {peft['peft_type']} tensors: the files do not match the config")
     _check_targets_exist(model, targets, adapter_dir)
     factors = None
     if meta is not None and isinstance(cfg, PsoftConfig):
         decomposition = Decomposition.load(adapter_dir / DECOMPOSITION_DIR)
         if model_dir is not None:
             decomposition.check_source(model_dir)
-        factors = decomposition.factors()
+        factors = decomposition.factors_for(model)
     layers = inject(model, cfg, targets, factors)
     if meta is not None:
-        _load_ours(layers, _read_tensors(adapter_dir / OURS_FILE), adapter_dir)
+        _load_ours(layers, tensors, adapter_dir)
     else:
         _load_peft(layers, tensors, adapter_dir)
-    _load_heads(model, tensors, peft.get("modules_to_save") or [], adapter_dir)
+    heads = peft.get("modules_to_save") or []
+    if heads:
+        _load_heads(model, _head_source(adapter_dir, tensors if meta is not None else None), heads, adapter_dir)
     return layers
+
+
+def _head_source(adapter_dir: Path, ours: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """Where the saved heads are: our tensor file (adapters from 0.1.1 on), else PEFT's file."""
+    adapter_dir = Path(adapter_dir)
+    if read_meta(adapter_dir) is not None:
+        ours = ours if ours is not None else _read_tensors(adapter_dir / OURS_FILE)
+        if any(k.startswith(PREFIX) for k in ours) or not (adapter_dir / WEIGHTS_FILE).is_file():
+            return ours
+    return _read_tensors(adapter_dir / WEIGHTS_FILE)
 
 
 def head_tensors(adapter_dir: Path, head: str) -> dict[str, torch.Tensor]:
     """The saved tensors of whole module ``head`` (PEFT keys), e.g. a classifier copied into a LoRA directory."""
-    tensors = _read_tensors(Path(adapter_dir) / WEIGHTS_FILE)
+    tensors = _head_source(adapter_dir)
     return {k: v for k, v in tensors.items() if k.startswith(PREFIX) and (f".{head}." in k or k.startswith(f"{PREFIX}{head}."))}
+
+
+def saved_labels(adapter_dir: Path) -> int:
+    """The number of classes of the saved classification head."""
+    for key, value in _head_source(adapter_dir).items():
+        if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
+            return value.shape[0]
+    raise UserInputError(f"{adapter_dir}: a SEQ_CLS adapter without a saved classifier head cannot be exported")
 
 
 def load_heads(model: nn.Module, adapter_dir: Path) -> None:
     """Load only the saved whole modules (a classification head) of ``adapter_dir`` into ``model``."""
     adapter_dir = Path(adapter_dir)
     heads = read_config(adapter_dir).get("modules_to_save") or []
-    _load_heads(model, _read_tensors(adapter_dir / WEIGHTS_FILE), heads, adapter_dir)
+    _load_heads(model, _head_source(adapter_dir), heads, adapter_dir)
 
 
 def _check_targets_exist(model: nn.Module, targets: list[str], adapter_dir: Path) -> None:

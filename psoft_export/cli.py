@@ -74,8 +74,9 @@ def cli(debug: bool) -> None:
 @click.option("--rank", type=int, required=True, help="Rank r of the principal subspace kept per weight.")
 @click.option("--targets", default="all-linear", show_default=True,
               help="all-linear (every linear layer but the output head), names (q_proj,v_proj) or a regex.")
-@click.option("--svd", type=click.Choice(["full", "lowrank"]), default="lowrank", show_default=True,
-              help="full: exact SVD; lowrank: randomized (torch.svd_lowrank), much faster on big weights.")
+@click.option("--svd", type=click.Choice(["exact", "full", "lowrank"]), default="exact", show_default=True,
+              help="exact: float64 Gram eigendecomposition (the exact subspace); full: torch.linalg.svd in float32 "
+                   "(PEFT's); lowrank: randomized (torch.svd_lowrank), fastest, approximate on flat spectra.")
 @click.option("--niter", type=int, default=DEFAULT_NITER, show_default=True, help="Power iterations for --svd lowrank.")
 @click.option("--oversample", type=int, default=DEFAULT_OVERSAMPLE, show_default=True,
               help="Extra columns for --svd lowrank (q = rank + oversample). 0 with --niter 10 reproduces PEFT.")
@@ -103,7 +104,7 @@ def decompose(model_dir, out_dir, rank, targets, svd, niter, oversample, init, a
     from tqdm import tqdm
 
     from psoft_export.adapters.surgery import parse_targets
-    from psoft_export.decompose import decompose as run, format_table
+    from psoft_export.decompose import decompose as run, format_table, ill_posed_warning
 
     def progress(jobs):
         return tqdm(jobs, desc="decompose", unit="tensor", disable=None, leave=False)
@@ -114,16 +115,19 @@ def decompose(model_dir, out_dir, rank, targets, svd, niter, oversample, init, a
     m = result.manifest
     if as_json:
         summary = {k: m[k] for k in ("rank", "alpha", "init", "svd", "niter", "oversample", "device", "seconds")}
+        gaps = {n: {"gap": t["gap"], "f32_angle": t["f32_angle"]} for n, t in m["targets"].items()}
         click.echo(json.dumps({"output": str(result.path), **summary, "targets": len(m["targets"]),
-                               "kinds": m["kinds"]}, indent=2))
+                               "kinds": m["kinds"], "ill_posed": m["ill_posed"], "gaps": gaps}, indent=2))
         return
     click.echo(format_table(m))
+    if m["ill_posed"]:
+        click.echo(ill_posed_warning(m), err=True)
     click.echo(f"decomposed {len(m['targets'])} weights at rank {m['rank']} ({m['svd']} SVD on {m['device']}) "
                f"in {m['seconds']:.1f} s -> {result.path}")
 
 
 def _help(name: str) -> str:
-    from psoft_export.train import TrainConfig
+    from psoft_export.train_config import TrainConfig
 
     return TrainConfig.__dataclass_fields__[name].metadata["help"]
 
@@ -134,13 +138,13 @@ def _help(name: str) -> str:
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Adapter directory (PEFT format).")
 @click.option("--method", type=click.Choice(["psoft", "oft"]), default="psoft", show_default=True)
 @click.option("--decomposition", type=click.Path(), help="Directory written by 'decompose' (PSOFT); default: decompose now.")
-@click.option("--rank", type=int, default=32, show_default=True, help=_help("rank"))
+@click.option("--rank", type=int, default=None, help=_help("rank"))
 @click.option("--alpha", type=float, default=None, help=_help("alpha"))
 @click.option("--block-size", type=int, default=32, show_default=True, help=_help("block_size"))
 @click.option("--targets", default="all-linear", show_default=True, help=_help("targets"))
 @click.option("--steps", type=int, default=None, help=_help("steps"))
 @click.option("--epochs", type=float, default=None, help=_help("epochs"))
-@click.option("--lr", type=float, default=2e-3, show_default=True, help=_help("lr"))
+@click.option("--lr", type=float, default=None, help=_help("lr"))
 @click.option("--batch-size", type=int, default=8, show_default=True, help=_help("batch_size"))
 @click.option("--grad-accum", type=int, default=1, show_default=True, help=_help("grad_accum"))
 @click.option("--seq-len", type=int, default=256, show_default=True, help=_help("seq_len"))
@@ -174,13 +178,28 @@ def train(model_dir, data, out_dir, decomposition, no_vectors, eval_data, resume
     from psoft_export.train import TrainConfig, train as run
 
     cfg = TrainConfig(vectors=not no_vectors, **options)
+    interactive = sys.stderr.isatty()
+    total = {}
 
     def progress(steps):
-        return tqdm(steps, desc=f"train {cfg.method}", unit="step", disable=None, initial=steps.start,
+        total["steps"] = steps.stop
+        return tqdm(steps, desc=f"train {cfg.method}", unit="step", disable=not interactive, initial=steps.start,
                     total=steps.stop)
 
+    def on_log(record):  # where no progress bar can be drawn (CI, nohup, notebooks): a plain line now and then
+        steps = total.get("steps", 0)
+        every = max(1, steps // 20) if steps else 1
+        if not interactive and (record["step"] % every == 0 or record["step"] == steps):
+            click.echo(f"train: step {record['step']}/{steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                       f"{record['tokens_per_s']:.0f} tok/s", err=True)
+
     summary = run(model_dir, data, out_dir, cfg, decomposition=decomposition, eval_data=eval_data, resume=resume,
-                  overwrite=overwrite, progress=progress, allow_pickle=allow_pickle)
+                  overwrite=overwrite, progress=progress, on_log=on_log, allow_pickle=allow_pickle)
+    form = summary["peft_form"]
+    if not form["faithful"]:
+        click.echo(f"note: PEFT's PSOFT files were not written: {form['reason']} (> {form['tolerance']:.0e}); the "
+                   "adapter is complete in psoft-export's format, and 'merge --to safetensors --split' writes its "
+                   "exact LoRA form, which PEFT loads", err=True)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

@@ -114,6 +114,10 @@ def class_names(records: list[dict]) -> list:
     """Class ids in order: integers 0..max, or the sorted distinct names."""
     labels = [r["label"] for r in records]
     if isinstance(labels[0], int):
+        distinct = set(labels)
+        if min(distinct) < 0 or max(distinct) >= max(2 * len(distinct), 2) + 64:
+            raise UserInputError(f"integer labels must be class ids 0..K-1, got {len(distinct)} distinct values from "
+                                 f"{min(distinct)} to {max(distinct)}: renumber them or use string labels")
         return list(range(max(labels) + 1))
     return sorted(set(labels))
 
@@ -123,7 +127,7 @@ def tokenize(records: list[dict], kind: str, tokenizer, seq_len: int, classes: O
     if kind == "causal":
         return Dataset(kind, _pack(records, tokenizer, seq_len))
     if kind == "completion":
-        return Dataset(kind, [_completion_row(r, tokenizer, seq_len) for r in records])
+        return Dataset(kind, [_completion_row(r, tokenizer, seq_len, n) for n, r in enumerate(records, 1)])
     classes = classes if classes is not None else class_names(records)
     index = {c: i for i, c in enumerate(classes)}
     rows = []
@@ -151,11 +155,15 @@ def _pack(records: list[dict], tokenizer, seq_len: int) -> list[dict[str, torch.
     return [{"input_ids": torch.tensor(b), "labels": torch.tensor(b)} for b in blocks]
 
 
-def _completion_row(record: dict, tokenizer, seq_len: int) -> dict[str, torch.Tensor]:
+def _completion_row(record: dict, tokenizer, seq_len: int, number: int = 0) -> dict[str, torch.Tensor]:
     prompt = tokenizer(record["prompt"], add_special_tokens=True)["input_ids"]
     completion = tokenizer(record["completion"], add_special_tokens=False)["input_ids"] + _eos(tokenizer)
     ids = (prompt + completion)[:seq_len]
     labels = ([IGNORE] * len(prompt) + completion)[:seq_len]
+    if all(label == IGNORE for label in labels[1:]):  # the model shifts labels: position 0 is never predicted
+        raise UserInputError(f"record {number}: its prompt fills all {seq_len} tokens of --seq-len, so no completion "
+                             f"token would be trained (the loss would be NaN): raise --seq-len above {len(prompt)} "
+                             "or shorten the prompt")
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
 
 

@@ -8,6 +8,7 @@ Output: ``decomposition.safetensors`` (``<module>.A``, ``<module>.B``, ``<module
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from dataclasses import dataclass, field
@@ -16,11 +17,12 @@ from typing import Callable, Optional
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from psoft_export import __version__
 from psoft_export.adapters.layout import is_fan_in_fan_out
 from psoft_export.adapters.surgery import Targets, select_targets
-from psoft_export.atomic import atomic_output_dir
+from psoft_export.atomic import atomic_output_dir, check_output_dir
 from psoft_export.defaults import DEFAULT_NITER, DEFAULT_OVERSAMPLE
 from psoft_export.checkpoint import ModelSource, sha256_of, skeleton
 from psoft_export.errors import UserInputError
@@ -65,6 +67,30 @@ class Decomposition:
         if self._factors is None:
             self._factors = load_file(self.path / FACTORS_FILE, device=device)
         return {n: (self._factors[f"{n}.A"], self._factors[f"{n}.B"]) for n in self.targets}
+
+    def aligned(self, model: nn.Module) -> dict[str, str]:
+        """``{module name in model: target name here}``. ``decompose`` names modules after the checkpoint's
+        architecture (``BertModel``: ``encoder.layer.0...``), a task model built on it adds its
+        ``base_model_prefix`` (``bert.encoder.layer.0...``): both namings match."""
+        names = set(dict(model.named_modules()))
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        out = {}
+        for target in self.targets:
+            candidates = [target]
+            if prefix:
+                candidates.append(f"{prefix}.{target}")
+                if target.startswith(prefix + "."):
+                    candidates.append(target[len(prefix) + 1:])
+            for name in candidates:
+                if name in names:
+                    out[name] = target
+                    break
+        return out
+
+    def factors_for(self, model: nn.Module, device: str = "cpu") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """:meth:`factors` keyed by ``model``'s module names (see :meth:`aligned`)."""
+        factors = self.factors(device)
+        return {name: factors[target] for name, target in self.aligned(model).items()}
 
     def check_source(self, model_dir: str | Path) -> None:
         """Refuse a model whose target weights are not the ones this decomposition was computed from."""
@@ -123,7 +149,7 @@ def decompose(
     rank: int,
     *,
     targets: Targets = "all-linear",
-    svd: str = "lowrank",
+    svd: str = "exact",
     niter: int = DEFAULT_NITER,
     oversample: int = DEFAULT_OVERSAMPLE,
     init: str = "psoft",
@@ -136,9 +162,10 @@ def decompose(
 ) -> Decomposition:
     """Compute and store the rank-``rank`` principal subspace of each target weight of ``model_dir``.
 
+    ``svd="exact"`` (default) diagonalizes the float64 Gram matrix (:func:`psoft_export.subspace.gram_subspace`):
+    the subspace is exact to float64 rounding. ``svd="full"`` is ``torch.linalg.svd`` in float32 (PEFT's default);
     ``svd="lowrank"`` runs ``torch.svd_lowrank`` with ``q = rank + oversample`` columns and ``niter`` power
-    iterations (``oversample=0, niter=10`` reproduces PEFT's ``psoft_svd="lowrank"`` bit for bit);
-    ``svd="full"`` is exact. ``alpha`` defaults to ``rank`` (``s = 1``). ``progress`` wraps the iterable of
+    iterations (``oversample=0, niter=10`` reproduces PEFT's ``psoft_svd="lowrank"`` bit for bit). ``alpha`` defaults to ``rank`` (``s = 1``). ``progress`` wraps the iterable of
     targets (e.g. ``tqdm``).
     """
     model_dir = Path(model_dir)
@@ -154,6 +181,7 @@ def decompose(
     if alpha <= 0:
         raise UserInputError(f"--alpha must be > 0, got {alpha}")
     device = resolve_device(device)
+    check_output_dir(Path(out_dir), overwrite, inputs=[model_dir])
     source, jobs = plan(model_dir, rank, targets)
 
     tensors: dict[str, torch.Tensor] = {}
@@ -169,12 +197,14 @@ def decompose(
         del W
         A, B = psoft_factors(_truncate(sub, rank), alpha / rank, init)
         tensors[f"{name}.A"], tensors[f"{name}.B"] = A.cpu().contiguous(), B.cpu().contiguous()
-        tensors[f"{name}.S"] = sub.S.cpu().contiguous()
-        kept = float(sub.S[:rank].double().square().sum())
+        spectrum = sub.spectrum if sub.spectrum is not None else sub.S
+        tensors[f"{name}.S"] = spectrum.cpu().contiguous()
+        kept = float(spectrum[:rank].double().square().sum())
         records[name] = {
             "key": key, "file": source.file(key), "sha256": digest, "dtype": source.dtype(key),
             "shape": [B.shape[0], A.shape[1]], "fan_in_fan_out": fifo,
-            "energy": kept / frob2 if frob2 > 0 else 1.0,
+            "energy": kept / frob2 if frob2 > 0 else 1.0, **conditioning(spectrum, rank),
+            "angle_bound": sub.angle_bound,
         }
     seconds = time.perf_counter() - start
     manifest = {
@@ -184,10 +214,11 @@ def decompose(
         "seed": seed, "device": device, "seconds": round(seconds, 3),
         "targets": records,
         "kinds": summarize(records),
+        "ill_posed": ill_posed(records),
         "versions": _versions(),
     }
     out_dir = Path(out_dir)
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, inputs=[model_dir], command="decompose") as tmp:
         save_file(tensors, tmp / FACTORS_FILE, metadata={"format": FORMAT, "rank": str(rank)})
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         if plot:
@@ -196,10 +227,44 @@ def decompose(
 
 
 def _subspace(W: torch.Tensor, rank: int, svd: str, niter: int, oversample: int, seed: int) -> Subspace:
-    if svd == "full":
-        return principal_subspace(W, min(W.shape), svd="full")
+    if svd in ("exact", "full"):
+        return principal_subspace(W, rank, svd=svd)
     q = min(rank + oversample, *W.shape)
     return principal_subspace(W, q, svd="lowrank", niter=niter, seed=seed)
+
+
+# Where a float32 SVD (PEFT's) may land this far (rad) from the exact subspace, another machine's SVD gives
+# another subspace: the target is flagged as ill-posed.
+ILL_POSED_ANGLE = 1e-3
+EPS32 = float(torch.finfo(torch.float32).eps)
+
+
+def conditioning(spectrum: torch.Tensor, rank: int) -> dict:
+    """``gap`` = ``s_r / s_{r+1}`` and ``f32_angle``, the predicted largest principal angle between the exact
+    subspace and a float32 SVD's (``eps32 * s_1 / (s_r - s_{r+1})``, the Davis-Kahan bound for rounding
+    errors of size ``eps32 * s_1``). ``None`` where ``s_{r+1}`` is not known (randomized SVD at q = r)."""
+    S = spectrum.double()
+    if S.numel() <= rank:
+        return {"gap": None, "f32_angle": None}
+    gap_abs = float(S[rank - 1] - S[rank])
+    gap = float(S[rank - 1] / S[rank]) if float(S[rank]) > 0 else float("inf")
+    angle = min(math.pi / 2, EPS32 * float(S[0]) / gap_abs) if gap_abs > 0 else math.pi / 2
+    return {"gap": gap, "f32_angle": angle}
+
+
+def ill_posed(records: dict[str, dict]) -> list[str]:
+    """Targets whose subspace a float32 SVD elsewhere (PEFT's at load time) would not reproduce."""
+    return [n for n, r in records.items() if r.get("f32_angle") is not None and r["f32_angle"] > ILL_POSED_ANGLE]
+
+
+def ill_posed_warning(manifest: dict) -> str:
+    """One line naming how many targets are ill-posed at this rank and what follows."""
+    names = manifest["ill_posed"]
+    worst = max(names, key=lambda n: manifest["targets"][n]["f32_angle"])
+    t = manifest["targets"][worst]
+    return (f"warning: {len(names)} of {len(manifest['targets'])} targets have s_r/s_r+1 too close to 1 at rank "
+            f"{manifest['rank']} (worst {worst}: {t['gap']:.5f}): another SVD, PEFT's included, may return another "
+            f"subspace (up to {t['f32_angle']:.1e} rad); the stored factors are exact and every load here uses them")
 
 
 def squared_norm(W: torch.Tensor, chunk: int = 1 << 20) -> float:
@@ -221,9 +286,11 @@ def summarize(records: dict[str, dict]) -> dict[str, dict]:
         if rec["shape"] not in k["shapes"]:
             k["shapes"].append(rec["shape"])
         k["energies"].append(rec["energy"])
+        if rec.get("gap") is not None:
+            k.setdefault("gaps", []).append(rec["gap"])
     return {
         kind: {"count": k["count"], "shapes": k["shapes"], "energy_mean": sum(k["energies"]) / k["count"],
-               "energy_min": min(k["energies"])}
+               "energy_min": min(k["energies"]), "gap_min": min(k["gaps"]) if k.get("gaps") else None}
         for kind, k in kinds.items()
     }
 
@@ -270,10 +337,12 @@ def _versions() -> dict[str, str]:
 
 def format_table(manifest: dict) -> str:
     """The terminal table: one row per target kind."""
-    rows = [("target kind", "count", "shape (out x in)", f"energy kept @ r={manifest['rank']}", "min")]
+    r = manifest["rank"]
+    rows = [("target kind", "count", "shape (out x in)", f"energy kept @ r={r}", "min", f"min gap s{r}/s{r + 1}")]
     for kind, k in manifest["kinds"].items():
         shapes = ", ".join(f"{o}x{i}" for o, i in k["shapes"])
-        rows.append((kind, str(k["count"]), shapes, f"{k['energy_mean']:.1%}", f"{k['energy_min']:.1%}"))
+        gap = "-" if k.get("gap_min") is None else f"{k['gap_min']:.4f}"
+        rows.append((kind, str(k["count"]), shapes, f"{k['energy_mean']:.1%}", f"{k['energy_min']:.1%}", gap))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

@@ -33,7 +33,7 @@ from psoft_export.adapters import OftLinear, PsoftLinear, adapter_layers, merge_
 from psoft_export.atomic import atomic_output_dir, check_output_dir
 from psoft_export.checkpoint import load_config
 from psoft_export.errors import UserInputError, VerificationError
-from psoft_export.verify import EXPORT_FILE, EXPORT_FORMAT, reference_model, verify_export
+from psoft_export.verify import EXPORT_FILE, EXPORT_FORMAT, model_kind, reference_model, verify_export
 
 FORMATS = ("safetensors", "onnx", "gguf")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -218,6 +218,9 @@ def check_request(model_dir: Path, adapter_dir: Path, to: str, split: bool, dtyp
                              "use --to safetensors or --to onnx")
     peft = adapter_io.read_config(adapter_dir)
     adapter_io.method_config(peft, str(adapter_dir))
+    kind, _ = model_kind(model_dir, adapter_dir)
+    if split and kind == "classify" and to != "safetensors":
+        raise UserInputError(f"a classification adapter carries a new head: export it merged (drop --split) for --to {to}")
 
 
 def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, to: str, *, split: bool = False,
@@ -231,13 +234,13 @@ def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, t
     stage = on_stage or (lambda name: None)
     model_dir, adapter_dir, out_dir = Path(model_dir), Path(adapter_dir), Path(out_dir)
     check_request(model_dir, adapter_dir, to, split, dtype, quant, lora_rank)
-    check_output_dir(out_dir, overwrite)
+    check_output_dir(out_dir, overwrite, inputs=[model_dir, adapter_dir])
     stage("loading the model and the adapter")
     model, kind, classes = reference_model(model_dir, adapter_dir, allow_pickle)
     info = {"format": EXPORT_FORMAT, "to": to, "split": split, "dtype": dtype, "quant": quant, "lora_rank": lora_rank,
             "kind": kind, "classes": classes, "model": str(model_dir), "adapter": str(adapter_dir),
             "method": adapter_io.read_config(adapter_dir)["peft_type"].lower(), "psoft_export": __version__}
-    with atomic_output_dir(out_dir, overwrite) as tmp:
+    with atomic_output_dir(out_dir, overwrite, inputs=[model_dir, adapter_dir], command="merge") as tmp:
         stage(f"writing the {'split' if split else 'merged'} {to} export")
         if split:
             files, errors = _split(to, model, model_dir, adapter_dir, tmp, dtype, quant, lora_rank, kind)

@@ -25,10 +25,11 @@ from torch import nn
 from psoft_export import adapter_io, data as data_mod
 from psoft_export.adapters import OftConfig, PsoftConfig, adapter_layers, inject, parse_targets, select_targets
 from psoft_export.adapters.cayley import orthogonality_error
-from psoft_export.atomic import atomic_file, check_output_dir, storage_failure
+from psoft_export.atomic import atomic_file, check_output_dir, check_overlap, mark, output_lock, storage_failure
 from psoft_export.checkpoint import load_config, loading_kwargs
 from psoft_export.decompose import Decomposition, resolve_device
 from psoft_export.errors import PsoftExportError, UserInputError
+from psoft_export.train_config import DEFAULT_LR, TrainConfig, lr_at  # noqa: F401 (re-exported)
 
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "train_log.jsonl"
@@ -45,70 +46,6 @@ class Interrupted(PsoftExportError):
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)
         self.exit_code = exit_code
-
-
-@dataclass
-class TrainConfig:
-    """Everything a run depends on; stored in each checkpoint so ``--resume`` continues the same run."""
-
-    method: str = field(default="psoft", metadata={"help": "psoft or oft."})
-    rank: int = field(default=32, metadata={"help": "PSOFT rank r."})
-    alpha: Optional[float] = field(default=None, metadata={"help": "PSOFT scaling numerator (default: r)."})
-    block_size: int = field(default=32, metadata={"help": "OFT block size b."})
-    targets: str = field(default="all-linear", metadata={"help": "all-linear, names (q_proj,v_proj) or a regex."})
-    steps: Optional[int] = field(default=None, metadata={"help": "Optimizer steps (default: one epoch)."})
-    epochs: Optional[float] = field(default=None, metadata={"help": "Epochs, when --steps is not given."})
-    lr: float = field(default=2e-3, metadata={"help": "Peak learning rate."})
-    batch_size: int = field(default=8, metadata={"help": "Rows per micro-batch."})
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
-    seq_len: int = field(default=256, metadata={"help": "Tokens per packed block / row."})
-    cayley: Optional[str] = field(default=None, metadata={"help": "exact or neumann (default: psoft exact, oft neumann)."})
-    neumann_terms: int = field(default=6, metadata={"help": "Cayley-Neumann terms (even keeps R orthogonal)."})
-    vectors: bool = field(default=True, metadata={"help": "PSOFT tunable vectors on both sides of R."})
-    svd: str = field(default="lowrank", metadata={"help": "SVD backend when train decomposes itself."})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
-    grad_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
-    warmup: float = field(default=0.05, metadata={"help": "Warmup as a fraction of the steps."})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: off)."})
-    save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: only at the end)."})
-    eval_every: int = field(default=0, metadata={"help": "Eval loss every N steps (0: only at the end)."})
-    log_every: int = field(default=1, metadata={"help": "Log line every N steps."})
-    seed: int = field(default=0, metadata={"help": "Seed of data order, dropout and heads."})
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.method in ("psoft", "oft"), f"method must be psoft or oft, got {self.method!r}"),
-            (self.steps is None or self.steps > 0, f"--steps must be > 0, got {self.steps}"),
-            (self.epochs is None or self.epochs > 0, f"--epochs must be > 0, got {self.epochs}"),
-            (self.lr > 0 and math.isfinite(self.lr), f"--lr must be a positive number, got {self.lr}"),
-            (self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}"),
-            (self.grad_accum > 0, f"--grad-accum must be > 0, got {self.grad_accum}"),
-            (self.seq_len >= 2, f"--seq-len must be >= 2, got {self.seq_len}"),
-            (self.precision in ("auto", "fp32", "bf16", "fp16"), f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}"),
-            (0 <= self.warmup < 1, f"warmup must be a fraction in [0, 1), got {self.warmup}"),
-            (self.save_every >= 0 and self.eval_every >= 0, "--save-every and --eval-every must be >= 0"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise UserInputError(message)
-
-    def method_config(self) -> PsoftConfig | OftConfig:
-        if self.method == "psoft":
-            return PsoftConfig(rank=self.rank, alpha=float(self.alpha or self.rank), svd=self.svd,
-                               cayley=self.cayley or "exact", neumann_terms=self.neumann_terms,
-                               vector_a=self.vectors, vector_b=self.vectors)
-        return OftConfig(block_size=self.block_size, cayley=self.cayley or "neumann", neumann_terms=self.neumann_terms)
-
-
-def lr_at(step: int, total: int, peak: float, warmup: float) -> float:
-    """Linear warmup over ``warmup * total`` steps, then cosine decay to 0 at ``total``."""
-    warm = int(warmup * total)
-    if step < warm:
-        return peak * (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 # ---------------------------------------------------------------------------------------------- setup
@@ -180,8 +117,8 @@ def prepare(model_dir: str | Path, data: str | Path, cfg: TrainConfig, decomposi
     eval_records = data_mod.read_jsonl(eval_data) if eval_data else None
     if eval_records and eval_records[0] != kind:
         raise UserInputError(f"--eval-data is {eval_records[0]} data but --data is {kind} data: use the same kind")
-    method_cfg = cfg.method_config()
     if cfg.method == "psoft" and decomposition is None and decompose_into is not None:
+        cfg = cfg.resolved()
         decomposition = decompose(model_dir, decompose_into, cfg.rank, targets=parse_targets(cfg.targets),
                                   svd=cfg.svd, alpha=cfg.alpha, seed=cfg.seed).path
     decomp = None
@@ -190,9 +127,9 @@ def prepare(model_dir: str | Path, data: str | Path, cfg: TrainConfig, decomposi
             raise UserInputError("--decomposition is for --method psoft: OFT needs no subspace")
         decomp = Decomposition.load(decomposition)
         decomp.check_source(model_dir)
-        if decomp.manifest["rank"] != cfg.rank:
-            raise UserInputError(f"decomposition {decomposition} has rank {decomp.manifest['rank']} but --rank is "
-                                 f"{cfg.rank}: drop --rank or re-run decompose")
+        cfg = _with_decomposition(cfg, decomp)
+    cfg = cfg.resolved()
+    method_cfg = cfg.method_config()
     device = resolve_device(cfg.device)
     dtype = _precision(cfg.precision, device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -203,7 +140,7 @@ def prepare(model_dir: str | Path, data: str | Path, cfg: TrainConfig, decomposi
     eval_set = data_mod.tokenize(eval_records[1], kind, tokenizer, cfg.seq_len, classes) if eval_records else None
     torch.manual_seed(cfg.seed)  # new heads are initialized from this seed
     model, heads = _load_model(model_dir, kind, classes, tokenizer, dtype, device, safe)
-    inject(model, method_cfg, _targets(model, cfg, decomp, heads), decomp.factors(device) if decomp is not None else None)
+    inject(model, method_cfg, _targets(model, cfg, decomp, heads), decomp.factors_for(model, device) if decomp is not None else None)
     for head in heads:
         model.get_submodule(head).requires_grad_(True)
     if cfg.grad_checkpointing:
@@ -214,12 +151,24 @@ def prepare(model_dir: str | Path, data: str | Path, cfg: TrainConfig, decomposi
     return Run(cfg, model, tokenizer, train_set, eval_set, device, dtype, heads, total, decomp)
 
 
+def _with_decomposition(cfg: TrainConfig, decomp: Decomposition) -> TrainConfig:
+    """Rank, alpha and init come from the decomposition; a value the user gave that differs is refused."""
+    m = decomp.manifest
+    if cfg.rank is not None and cfg.rank != m["rank"]:
+        raise UserInputError(f"--rank {cfg.rank} was given but decomposition {decomp.path} has rank {m['rank']}: "
+                             "drop --rank (the decomposition's rank is used) or re-run decompose with that rank")
+    if cfg.alpha is not None and float(cfg.alpha) != float(m["alpha"]):
+        raise UserInputError(f"--alpha {cfg.alpha:g} was given but decomposition {decomp.path} was built with alpha "
+                             f"{float(m['alpha']):g}: drop --alpha or re-run decompose --alpha {cfg.alpha:g}")
+    return cfg.resolved(rank=m["rank"], alpha=float(m["alpha"]), init=m.get("init", "psoft"))
+
+
 def _targets(model: nn.Module, cfg: TrainConfig, decomp: Optional[Decomposition], heads: list[str]) -> list[str]:
     """The modules to adapt: ``--targets`` on this model (or, by default, what the decomposition covers), never
     a module inside a new head (a decomposition of a masked-LM checkpoint also covers its LM head)."""
     names = set(dict(model.named_modules()))
     if decomp is not None and cfg.targets == "all-linear":
-        chosen = [t for t in decomp.targets if t in names]
+        chosen = [t for t in decomp.aligned(model) if t in names]
     else:
         chosen = select_targets(model, parse_targets(cfg.targets))
     return [t for t in chosen if not any(t == h or t.startswith(h + ".") for h in heads)]
@@ -322,12 +271,23 @@ def _pure_rotation(layer) -> torch.Tensor:
     return cay.orthogonal(layer.q, c.rank, c.cayley, c.neumann_terms, c.neumann_eps) if c.orth else layer.q
 
 
+def _diverged(value: float, step: int, last_good: Optional[Path], out_dir: Path) -> str:
+    """Advice that works: ``--resume`` only when a checkpoint exists to resume from."""
+    if last_good is not None:
+        return (f"loss became {value} at step {step + 1}; last good checkpoint {last_good}: lower --lr (or use "
+                "--cayley exact) and continue with --resume")
+    reuse = (f" (reuse the subspace: --decomposition {out_dir / adapter_io.DECOMPOSITION_DIR})"
+             if (out_dir / adapter_io.DECOMPOSITION_DIR).is_dir() else "")
+    return (f"loss became {value} at step {step + 1}, before any checkpoint: start again with a lower --lr "
+            f"(or --cayley exact) and another -o{reuse}")
+
+
 def train_loop(run: Run, out_dir: Path, resume: bool = False, progress: Optional[Callable] = None,
                on_log: Optional[Callable[[dict], None]] = None) -> dict:
     """Run the optimisation, checkpointing into ``out_dir/checkpoints``; return the summary."""
     cfg, model = run.cfg, run.model
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=run.device == "cuda")
+    optimizer = torch.optim.AdamW(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay, fused=run.device == "cuda")
     scaler = torch.amp.GradScaler("cuda") if run.dtype == torch.float16 else None
     start, history = 0, []
     if resume:
@@ -353,16 +313,14 @@ def train_loop(run: Run, out_dir: Path, resume: bool = False, progress: Optional
         for step in bar:
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, run.total_steps, cfg.lr, cfg.warmup)
+                group["lr"] = lr_at(step, run.total_steps, cfg.peak_lr, cfg.warmup)
             loss_sum, tokens = 0.0, 0
             for _ in range(cfg.grad_accum):
                 batch = _to(next(batches), run.device)
                 with _autocast(run):
                     loss = model(**batch).loss
                 if not torch.isfinite(loss):
-                    kept = f"last good checkpoint {last_good}" if last_good else "no checkpoint was written yet"
-                    raise TrainingDiverged(f"loss became {loss.item()} at step {step + 1}; {kept}: lower --lr "
-                                           "(or use --cayley exact) and run again with --resume")
+                    raise TrainingDiverged(_diverged(loss.item(), step, last_good, out_dir))
                 loss = loss / cfg.grad_accum
                 (scaler.scale(loss) if scaler else loss).backward()
                 loss_sum += float(loss.detach())
@@ -391,6 +349,8 @@ def train_loop(run: Run, out_dir: Path, resume: bool = False, progress: Optional
                 code = 130 if signals.received == signal.SIGINT else 143
                 raise Interrupted(f"interrupted at step {step + 1}; checkpoint {last_good} written: "
                                   "continue with --resume", code)
+    if last_good is None or not last_good.name.endswith(f"{run.total_steps:07d}.pt"):
+        save_checkpoint(out_dir, run, optimizer, run.total_steps, history)  # nothing trained is lost to a later failure
     return {"steps": run.total_steps, "history": history}
 
 
@@ -406,44 +366,78 @@ def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: Tra
     Bad input fails before ``out_dir`` exists; a failed run keeps its checkpoints for ``--resume``.
     """
     out_dir = Path(out_dir).absolute()
+    with output_lock(out_dir):
+        return _train_locked(model_dir, data, out_dir, cfg, decomposition, eval_data, resume, overwrite, progress,
+                             on_log, allow_pickle)
+
+
+def _train_locked(model_dir, data, out_dir: Path, cfg: TrainConfig, decomposition, eval_data, resume: bool,
+                  overwrite: bool, progress, on_log, allow_pickle: bool) -> dict:
     stored = out_dir / adapter_io.DECOMPOSITION_DIR
+    inputs = [model_dir, data, eval_data, decomposition]
     if resume:
         if not out_dir.is_dir():
             raise UserInputError(f"--resume: {out_dir} does not exist: start without --resume")
+        check_overlap(out_dir, [i for i in inputs if i is not decomposition])
         run = prepare(model_dir, data, cfg, stored if cfg.method == "psoft" else None, eval_data,
                       allow_pickle=allow_pickle)
     else:
-        check_output_dir(out_dir, overwrite)
+        check_output_dir(out_dir, overwrite, inputs)
         staging = out_dir.with_name(f".{out_dir.name}.decomposition-{os.getpid()}")
         try:
             _check_writable(out_dir.parent)
             run = prepare(model_dir, data, cfg, decomposition, eval_data, decompose_into=staging,
                           allow_pickle=allow_pickle)
             if out_dir.exists():
-                shutil.rmtree(out_dir)
+                shutil.rmtree(out_dir)  # check_output_dir made sure it is ours (marker) and no input
             out_dir.mkdir(parents=True)
-            if cfg.method == "psoft":
+            mark(out_dir, "train")
+            if run.cfg.method == "psoft":
                 shutil.copytree(decomposition, stored) if decomposition is not None else os.replace(staging, stored)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-    try:
-        history = train_loop(run, out_dir, resume, progress, on_log)["history"]
-        _write_log(out_dir, history)
-        extra = {"train": {**asdict(cfg), "steps": run.total_steps, "final_loss": history[-1]["loss"],
-                           "eval_loss": history[-1].get("eval_loss")}}
-        adapter_io.save_adapter(out_dir, run.model, cfg.method_config(), base_model=str(model_dir),
-                                task=run.train_set.kind, classes=run.train_set.labels or None, heads=run.heads,
-                                extra=extra)
-        _plot(history, out_dir / PLOT_FILE)
-    except Exception as exc:
-        reason = storage_failure(exc)
-        if reason is None:
-            raise
-        raise UserInputError(f"cannot write {out_dir}: {reason}; free space and continue with --resume") from None
+    history = train_loop(run, out_dir, resume, progress, on_log)["history"]
+    peft_form = save_trained(run, out_dir, model_dir, history)
     return {"output": str(out_dir), "steps": run.total_steps, "first_loss": history[0]["loss"],
             "final_loss": history[-1]["loss"], "eval_loss": history[-1].get("eval_loss"),
             "trainable_parameters": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
-            "seconds": sum(h["seconds"] for h in history), "device": run.device}
+            "seconds": sum(h["seconds"] for h in history), "device": run.device, "peft_form": peft_form,
+            "config": {"rank": run.cfg.rank if run.cfg.method == "psoft" else None, "lr": run.cfg.lr}}
+
+
+class SaveFailed(PsoftExportError):
+    """Training finished but writing the adapter did not; the final checkpoint holds the trained state."""
+
+
+def save_trained(run: Run, out_dir: Path, model_dir: str | Path, history: list[dict]) -> dict:
+    """Write the log, the adapter files and the loss plot. The final checkpoint is already on disk, so a failure
+    here loses nothing: the error says how to finish with ``--resume`` (which skips straight to this step)."""
+    cfg = run.cfg
+    try:
+        _write_log(out_dir, history)
+        extra = {"train": {**asdict(cfg), "steps": run.total_steps, "final_loss": history[-1]["loss"],
+                           "eval_loss": history[-1].get("eval_loss")}}
+        report = adapter_io.save_adapter(out_dir, run.model, cfg.method_config(), base_model=_base_model_id(model_dir),
+                                         task=run.train_set.kind, classes=run.train_set.labels or None,
+                                         heads=run.heads, extra=extra)
+    except Exception as exc:
+        reason = storage_failure(exc) or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        checkpoint = _checkpoint_paths(out_dir)[-1] if _checkpoint_paths(out_dir) else None
+        error = SaveFailed(f"training finished ({run.total_steps} steps) but writing the adapter failed: {reason}; "
+                           f"the trained state is kept in {checkpoint}: fix the cause and run the same command with "
+                           "--resume to write the adapter without retraining")
+        error.exit_code = 2 if storage_failure(exc) or isinstance(exc, UserInputError) else 1
+        raise error from exc
+    try:
+        _plot(history, out_dir / PLOT_FILE)
+    except Exception:  # a plot is a convenience: never fail a finished run for it
+        pass
+    return report
+
+
+def _base_model_id(model_dir: str | Path) -> str:
+    """What ``base_model_name_or_path`` must hold so ``AutoPeftModel...`` finds the base from any directory."""
+    return str(Path(model_dir).resolve())
 
 
 def _check_writable(parent: Path) -> None:

@@ -92,7 +92,7 @@ def load_base(model_dir: Path, kind: str, classes: Optional[list], adapter_dir: 
     logging.set_verbosity_error()  # the new head's "newly initialized" warning: the adapter supplies it
     safe = loading_kwargs(model_dir, allow_pickle)
     if kind == "classify":
-        labels = len(classes) if classes else _saved_labels(adapter_dir)
+        labels = len(classes) if classes else adapter_io.saved_labels(adapter_dir)
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=labels, dtype=torch.float32, **safe)
         if classes:
             model.config.id2label = {i: str(c) for i, c in enumerate(classes)}
@@ -102,16 +102,6 @@ def load_base(model_dir: Path, kind: str, classes: Optional[list], adapter_dir: 
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **safe)
     return model.eval()
-
-
-def _saved_labels(adapter_dir: Optional[Path]) -> int:
-    from safetensors import safe_open
-
-    with safe_open(str(Path(adapter_dir) / adapter_io.WEIGHTS_FILE), "pt") as f:
-        for key in f.keys():
-            if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
-                return f.get_slice(key).get_shape()[0]
-    raise UserInputError(f"{adapter_dir}: a SEQ_CLS adapter without a saved classifier head cannot be exported")
 
 
 def reference_model(model_dir: Path, adapter_dir: Path, allow_pickle: bool = False) -> tuple[nn.Module, str, Optional[list]]:

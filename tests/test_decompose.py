@@ -96,7 +96,7 @@ def test_psoft_from_stored_factors_equals_peft(tmp_path, model_name, svd):
 def test_manifest_records_hashes_and_settings(tmp_path):
     dec = decompose(MODELS / "qwen2", tmp_path / "d", 4, targets=["q_proj", "v_proj"], seed=3)
     m = json.loads((tmp_path / "d" / "manifest.json").read_text())
-    assert m["rank"] == 4 and m["alpha"] == 4.0 and m["seed"] == 3 and m["svd"] == "lowrank"
+    assert m["rank"] == 4 and m["alpha"] == 4.0 and m["seed"] == 3 and m["svd"] == "exact"
     assert set(m["versions"]) >= {"torch", "transformers", "psoft_export"}
     assert sorted(m["kinds"]) == ["self_attn.q_proj", "self_attn.v_proj"]
     source = ModelSource(MODELS / "qwen2")

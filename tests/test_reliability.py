@@ -138,7 +138,7 @@ def test_merge_rejects_lora_and_missing_adapters(tmp_path, qwen_adapter):
     assert_clean_failure(invoke(["merge", str(MODELS / "qwen2"), "--adapter", lora, "--to", "onnx", "-o", out]),
                          "is a LORA adapter", out)
     assert_clean_failure(invoke(["merge", str(MODELS / "qwen2"), "--adapter", tmp_path / "nope", "--to", "onnx",
-                                 "-o", out]), "is not an adapter directory", out)
+                                 "-o", out]), "does not exist", out)
 
 
 def test_merge_rejects_a_damaged_adapter_file(tmp_path, qwen_adapter):
@@ -146,6 +146,10 @@ def test_merge_rejects_a_damaged_adapter_file(tmp_path, qwen_adapter):
     shutil.copytree(qwen_adapter, broken)
     (broken / "adapter_model.safetensors").write_bytes(b"\x00" * 16)
     out = tmp_path / "out"
+    assert_clean_failure(invoke(["merge", str(MODELS / "qwen2"), "--adapter", broken, "--to", "safetensors",
+                                 "-o", out]), "is not the file psoft-export wrote", out)
+    shutil.copy2(qwen_adapter / "adapter_model.safetensors", broken / "adapter_model.safetensors")
+    (broken / "psoft_export.safetensors").write_bytes(b"\x00" * 16)
     assert_clean_failure(invoke(["merge", str(MODELS / "qwen2"), "--adapter", broken, "--to", "safetensors",
                                  "-o", out]), "not a readable safetensors file", out)
 

@@ -60,7 +60,8 @@ def test_adapter_directory_contents(tmp_path):
     out, summary, _ = run(tmp_path, steps=3, rank=8)
     names = {p.name for p in out.iterdir()}
     assert names == {"adapter_config.json", "adapter_model.safetensors", "psoft_export.json", "psoft_export.safetensors",
-                     "decomposition", "train_log.jsonl", "loss.png"}, names
+                     "decomposition", "train_log.jsonl", "loss.png", "checkpoints", ".psoft-export"}, names
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000003.pt"], "the final state is kept"
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [h["step"] for h in log] == [1, 2, 3]
     assert log[-1]["orthogonality_error"] < 1e-5, "exact Cayley should stay orthogonal to float32 precision"
@@ -109,8 +110,9 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
         if (MODELS / "llama" / f).exists():
             (bad / f).write_bytes((MODELS / "llama" / f).read_bytes())
     cfg = TrainConfig(**{**FAST, "steps": 3, "rank": 8, "method": "oft", "block_size": 16})
-    with pytest.raises(TrainingDiverged, match="loss became nan at step 1; no checkpoint"):
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 1, before any checkpoint") as info:
         train(bad, DATA / "train.jsonl", tmp_path / "out", cfg)
+    assert "--resume" not in str(info.value), "never advise a resume that cannot work (issue 13.7)"
 
 
 # ------------------------------------------------------------------------------------------- PEFT both ways
@@ -153,7 +155,7 @@ def test_sign_alignment_is_what_makes_peft_agree(trained):
     out, ours = trained[("llama", "psoft", "exact")]
     flips = 0
     for layer in adapter_layers(ours).values():
-        O = adapter_io.peft_basis_change(layer)
+        O, _, _ = adapter_io.peft_basis_change(layer)
         flips += int((O.diagonal() < 0).sum())
         assert float((O.abs() - torch.eye(O.shape[0], dtype=O.dtype)).abs().max()) < 1e-3
     assert flips > 0, "no sign flip between our lowrank subspace and PEFT's full SVD: the test would be vacuous"
@@ -208,3 +210,28 @@ def test_decomposition_from_another_model_is_refused(tmp_path):
     with pytest.raises(UserInputError, match="computed from other weights"):
         train(MODELS / "llama", DATA / "train.jsonl", tmp_path / "out", cfg, decomposition=tmp_path / "d")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_final_save_loses_nothing_and_resume_finishes_it(tmp_path, monkeypatch):
+    """Issue 11: a failure after training (here the PEFT conversion raises) keeps the trained state on disk; the
+    same command with --resume writes the adapter without retraining, identical to an uninterrupted run."""
+    from psoft_export import adapter_io
+    from psoft_export.train import SaveFailed
+
+    reference, _, _ = run(tmp_path, steps=3, rank=8)
+
+    def broken(layers):
+        raise RuntimeError("conversion exploded")
+
+    cfg = TrainConfig(**{**FAST, "steps": 3, "rank": 8})
+    out = tmp_path / "run"
+    with monkeypatch.context() as m:
+        m.setattr(adapter_io, "peft_tensors", broken)
+        with pytest.raises(SaveFailed, match="--resume to write the adapter without retraining"):
+            train(MODELS / "llama", DATA / "train.jsonl", out, cfg)
+    assert (out / "checkpoints" / "step-0000003.pt").is_file(), "the trained state must stay on disk"
+    assert not (out / "psoft_export.safetensors").exists()
+    summary = train(MODELS / "llama", DATA / "train.jsonl", out, cfg, resume=True)
+    assert summary["steps"] == 3
+    got, want = load_file(out / "psoft_export.safetensors"), load_file(reference / "psoft_export.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), "resume must not retrain"

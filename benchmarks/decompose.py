@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = ("ours-lowrank", "ours-full", "peft-full", "peft-lowrank")
+VARIANTS = ("ours-exact", "ours-lowrank", "ours-full", "peft-full", "peft-lowrank")
 PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
         ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
 SHARD_BYTES = 200 * 10**6

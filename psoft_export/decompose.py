@@ -181,8 +181,8 @@ def decompose(
     if alpha <= 0:
         raise UserInputError(f"--alpha must be > 0, got {alpha}")
     device = resolve_device(device)
-    check_output_dir(Path(out_dir), overwrite, inputs=[model_dir])
     source, jobs = plan(model_dir, rank, targets)
+    check_output_dir(Path(out_dir), overwrite, inputs=[model_dir])
 
     tensors: dict[str, torch.Tensor] = {}
     records: dict[str, dict] = {}

@@ -162,7 +162,10 @@ def _safetensors_header(path: Path) -> dict:
 
 
 def _files(root: Path) -> list[str]:
-    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    """The export's files; the ``.psoft-export`` ownership marker is bookkeeping, not part of the export."""
+    from psoft_export.atomic import MARKER
+
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and p.name != MARKER)
 
 
 def _json_keys(path: Path, keys: tuple[str, ...]) -> dict:

@@ -81,8 +81,15 @@ def _load_model(model_dir: Path, kind: str, classes: list, tokenizer, dtype, dev
     config = load_config(model_dir)
     base_dtype = dtype if dtype is not None else torch.float32
     if kind == "classify":
-        model, info = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=len(classes), dtype=base_dtype, output_loading_info=True, **safe)
+        from transformers.utils import logging
+
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity_error()  # "newly initialized: classifier": intended; the head is trained and saved
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                model_dir, num_labels=len(classes), dtype=base_dtype, output_loading_info=True, **safe)
+        finally:
+            logging.set_verbosity(verbosity)
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         # Modules the checkpoint did not have (the new head, BERT's pooler) are trained and saved with the adapter.

@@ -191,6 +191,10 @@ def test_existing_output_needs_overwrite(tmp_path):
     code, output = run_cli("decompose", str(MODELS / "gpt2"), "-o", str(tmp_path / "out"), "--rank", "4")
     assert code == 2 and "already exists" in output
     assert (tmp_path / "out" / "keep.txt").exists()
+    code, output = run_cli("decompose", str(MODELS / "gpt2"), "-o", str(tmp_path / "out"), "--rank", "4", "--overwrite")
+    assert code == 2 and "was not written by psoft-export" in output, "a directory we did not write is never replaced"
+    assert (tmp_path / "out" / "keep.txt").exists()
+    (tmp_path / "out" / ".psoft-export").write_text("{}")  # as if an earlier psoft-export run had written it
     code, output = run_cli("decompose", str(MODELS / "gpt2"), "-o", str(tmp_path / "out"), "--rank", "4",
                            "--overwrite", "--json")
     assert code == 0, output

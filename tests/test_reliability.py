@@ -265,3 +265,90 @@ def test_read_only_output_is_a_clean_error(tiny_disk, qwen_adapter):
         result = invoke(args)
         assert result.exit_code == 2 and "Read-only file system" in result.output, (args[0], result.output)
         assert "Traceback" not in result.output
+
+
+# ------------------------------------------------------------------------------- issue 13: nothing deleted, nothing mixed
+
+
+def snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def refused(result, message: str) -> None:
+    assert result.exit_code == 2, f"exit {result.exit_code}: {result.output}"
+    lines = [l for l in result.output.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.output
+    assert "Traceback" not in result.output
+
+
+def test_overwrite_never_replaces_an_input_of_the_same_run(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(LLAMA, model)
+    before = snapshot(model)
+    refused(invoke(["decompose", model, "-o", model, "--rank", 4, "--overwrite"]), "overlaps the input")
+    refused(invoke(["decompose", model, "-o", model / "sub", "--rank", 4]), "overlaps the input")
+    assert snapshot(model) == before, "decompose -o MODEL --overwrite must leave the model untouched"
+    dec = tmp_path / "dec"
+    assert invoke(["decompose", model, "-o", dec, "--rank", 8]).exit_code == 0
+    dec_before = snapshot(dec)
+    refused(invoke(["train", model, "--data", DATA / "train.jsonl", "--decomposition", dec, "-o", dec,
+                    "--overwrite", *TRAIN]), "overlaps the input")
+    assert snapshot(dec) == dec_before, "train -o DECOMP --overwrite must leave the decomposition untouched"
+
+
+def test_overwrite_only_replaces_what_psoft_export_wrote(tmp_path):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("years of work")
+    for args in (["decompose", LLAMA, "-o", mine, "--rank", 4, "--overwrite"],
+                 ["train", LLAMA, "--data", DATA / "train.jsonl", "-o", mine, "--overwrite", "--method", "oft",
+                  "--block-size", 16, "--steps", 1, "--seq-len", 32]):
+        refused(invoke(args), "was not written by psoft-export")
+        assert (mine / "thesis.tex").read_text() == "years of work"
+    ours = tmp_path / "ours"
+    assert invoke(["decompose", LLAMA, "-o", ours, "--rank", 4]).exit_code == 0
+    assert (ours / ".psoft-export").is_file()
+    assert invoke(["decompose", LLAMA, "-o", ours, "--rank", 8, "--overwrite"]).exit_code == 0
+    assert json.loads((ours / "manifest.json").read_text())["rank"] == 8
+
+
+def test_a_second_run_on_a_locked_output_is_refused_with_the_holders_pid(tmp_path):
+    from psoft_export.atomic import output_lock
+
+    out = tmp_path / "out"
+    with output_lock(out):
+        result = invoke(["train", LLAMA, "--data", DATA / "train.jsonl", "-o", out, *TRAIN])
+        refused(result, f"is being written by another psoft-export run (pid {os.getpid()})")
+        refused(invoke(["decompose", LLAMA, "-o", out, "--rank", 4]), "another psoft-export run")
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out.lock")), "the lock file is removed when released"
+    assert invoke(["decompose", LLAMA, "-o", out, "--rank", 4]).exit_code == 0
+
+
+def test_nan_in_an_adapter_tensor_is_refused(tmp_path, qwen_adapter):
+    from safetensors.torch import save_file
+
+    broken = tmp_path / "nan"
+    shutil.copytree(qwen_adapter, broken)
+    tensors = load_file(broken / "psoft_export.safetensors")
+    key = next(iter(tensors))
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[0] = float("nan")
+    save_file(tensors, str(broken / "psoft_export.safetensors"))
+    out = tmp_path / "out"
+    assert_clean_failure(invoke(["merge", str(MODELS / "qwen2"), "--adapter", broken, "--to", "safetensors",
+                                 "-o", out]), "holds NaN or Inf values", out)
+
+
+def test_completion_prompt_longer_than_seq_len_is_found_before_training(tmp_path):
+    data = write(tmp_path / "long.jsonl", json.dumps({"prompt": "word " * 200, "completion": " end"}) + "\n")
+    out = tmp_path / "out"
+    assert_clean_failure(invoke(["train", LLAMA, "--data", data, "-o", out, "--method", "oft", "--block-size", 16,
+                                 "--seq-len", 16, "--steps", 1]), "record 1: its prompt fills all 16 tokens", out)
+
+
+def test_sparse_integer_labels_are_refused_at_once(tmp_path):
+    data = write(tmp_path / "sparse.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 300000000}\n')
+    out = tmp_path / "out"
+    assert_clean_failure(invoke(["train", str(MODELS / "bert"), "--data", data, "-o", out, "--method", "oft",
+                                 "--block-size", 16, "--steps", 1]), "class ids 0..K-1", out)

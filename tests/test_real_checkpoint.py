@@ -232,8 +232,15 @@ def test_merged_and_split_exports_match_peft(work, psoft_adapter):
     names = {i.name for i in session.get_inputs()}
     feeds = {k: v.numpy() for k, v in inputs.items() if k in names}
     got = torch.from_numpy(session.run(["logits"], feeds)[0])
-    assert rel_err(got, expected) <= 1e-4, "ONNX Runtime vs PEFT's merge (ORT float32 kernels: 1e-4)"
+    assert rel_err(got, expected) <= PEFT_TOL, "ONNX Runtime vs PEFT's merge of the exact LoRA form"
     assert invoke(["verify", onnx_dir, "--model", MINILM, "--adapter", psoft_adapter]).exit_code == 0
+
+
+def test_a_rank_the_user_gave_that_differs_from_the_decomposition_is_refused(work, decomposition):
+    result = invoke(["train", MINILM, "--data", DATA / "reviews_train.jsonl", "--decomposition", decomposition,
+                     "--rank", 8, "-o", work / "wrong-rank"])
+    assert result.exit_code == 2 and "--rank 8 was given but decomposition" in result.output, result.output
+    assert not (work / "wrong-rank").exists()
 
 
 def test_refused_split_is_refused_before_loading(work, psoft_adapter):

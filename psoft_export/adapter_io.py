@@ -355,7 +355,7 @@ def load_adapter(model: nn.Module, adapter_dir: Path, model_dir: Optional[Path] 
 
 
 def _head_source(adapter_dir: Path, ours: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
-    """Where the saved heads are: our tensor file (adapters from 0.1.1 on), else PEFT's file."""
+    """Where the saved heads are: our tensor file (adapters from 0.2.0 on), else PEFT's file."""
     adapter_dir = Path(adapter_dir)
     if read_meta(adapter_dir) is not None:
         ours = ours if ours is not None else _read_tensors(adapter_dir / OURS_FILE)

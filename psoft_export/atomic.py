@@ -64,12 +64,12 @@ def output_lock(path: Path) -> Iterator[None]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UserInputError(f"cannot write to {path.parent}: {exc.strerror or exc}") from None
+        raise UserInputError(f"cannot write to {path.parent}: {exc.strerror or exc}; choose another -o") from None
     while True:
         try:
             fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as exc:
-            raise UserInputError(f"cannot write to {path.parent}: {exc.strerror or exc}") from None
+        except OSError as exc:  # read-only or forbidden: found before any work
+            raise UserInputError(f"cannot write to {path.parent}: {exc.strerror or exc}; choose another -o") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -109,15 +109,21 @@ class ModelSource:
     def resolve(self, module_name: str, base_prefix: str = "") -> str:
         """The checkpoint key of ``<module_name>.weight``, tolerating a saved base model with or without the
         task model's ``base_model_prefix`` (``bert.``, ``transformer.``, ``model.``)."""
-        candidates = [f"{module_name}.weight"]
-        if base_prefix and module_name.startswith(base_prefix + "."):
-            candidates.append(f"{module_name[len(base_prefix) + 1:]}.weight")
-        elif base_prefix:
-            candidates.append(f"{base_prefix}.{module_name}.weight")
+        candidates = [f"{name}.weight" for name in prefix_variants(module_name, base_prefix)]
         for key in candidates:
             if key in self._meta:
                 return key
         raise UserInputError(f"{self.dir} has no tensor {candidates[0]}: the checkpoint does not match its config")
+
+
+def prefix_variants(name: str, base_prefix: str) -> list[str]:
+    """``name`` as a base model and a task model may spell it: as given, then without or with the task model's
+    ``base_model_prefix`` (``bert.``, ``transformer.``, ``model.``)."""
+    if not base_prefix:
+        return [name]
+    if name.startswith(base_prefix + "."):
+        return [name, name[len(base_prefix) + 1:]]
+    return [name, f"{base_prefix}.{name}"]
 
 
 def read_header(path: Path) -> tuple[int, dict]:

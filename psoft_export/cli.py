@@ -75,7 +75,7 @@ def cli(debug: bool) -> None:
 @click.option("--targets", default="all-linear", show_default=True,
               help="all-linear (every linear layer but the output head), names (q_proj,v_proj) or a regex.")
 @click.option("--svd", type=click.Choice(["exact", "full", "lowrank"]), default="exact", show_default=True,
-              help="exact: float64 Gram eigendecomposition (the exact subspace); full: torch.linalg.svd in float32 "
+              help="exact: the exact subspace (float32 Gram eigh refined in float64); full: torch.linalg.svd in float32 "
                    "(PEFT's); lowrank: randomized (torch.svd_lowrank), fastest, approximate on flat spectra.")
 @click.option("--niter", type=int, default=DEFAULT_NITER, show_default=True, help="Power iterations for --svd lowrank.")
 @click.option("--oversample", type=int, default=DEFAULT_OVERSAMPLE, show_default=True,

@@ -24,7 +24,7 @@ from psoft_export.adapters.layout import is_fan_in_fan_out
 from psoft_export.adapters.surgery import Targets, select_targets
 from psoft_export.atomic import atomic_output_dir, check_output_dir
 from psoft_export.defaults import DEFAULT_NITER, DEFAULT_OVERSAMPLE
-from psoft_export.checkpoint import ModelSource, sha256_of, skeleton
+from psoft_export.checkpoint import ModelSource, prefix_variants, sha256_of, skeleton
 from psoft_export.errors import UserInputError
 from psoft_export.subspace import (
     INITS, SVD_BACKENDS, Subspace, check_rank, energy_fraction, principal_subspace, psoft_factors,
@@ -76,12 +76,7 @@ class Decomposition:
         prefix = getattr(model, "base_model_prefix", "") or ""
         out = {}
         for target in self.targets:
-            candidates = [target]
-            if prefix:
-                candidates.append(f"{prefix}.{target}")
-                if target.startswith(prefix + "."):
-                    candidates.append(target[len(prefix) + 1:])
-            for name in candidates:
+            for name in prefix_variants(target, prefix):
                 if name in names:
                     out[name] = target
                     break
@@ -162,8 +157,8 @@ def decompose(
 ) -> Decomposition:
     """Compute and store the rank-``rank`` principal subspace of each target weight of ``model_dir``.
 
-    ``svd="exact"`` (default) diagonalizes the float64 Gram matrix (:func:`psoft_export.subspace.gram_subspace`):
-    the subspace is exact to float64 rounding. ``svd="full"`` is ``torch.linalg.svd`` in float32 (PEFT's default);
+    ``svd="exact"`` (default, :func:`psoft_export.subspace.gram_subspace`) takes the float32 Gram matrix's
+    ``eigh`` and refines it in float64 until a computed bound puts it within 1e-7 rad of the exact subspace. ``svd="full"`` is ``torch.linalg.svd`` in float32 (PEFT's default);
     ``svd="lowrank"`` runs ``torch.svd_lowrank`` with ``q = rank + oversample`` columns and ``niter`` power
     iterations (``oversample=0, niter=10`` reproduces PEFT's ``psoft_svd="lowrank"`` bit for bit). ``alpha`` defaults to ``rank`` (``s = 1``). ``progress`` wraps the iterable of
     targets (e.g. ``tqdm``).

@@ -55,8 +55,8 @@ def principal_subspace(
 ) -> Subspace:
     """Rank-``rank`` truncated SVD of ``W`` ``(out, in)``; factors in float32 (float64 stays float64).
 
-    - ``exact`` (default): the eigendecomposition of the smaller Gram matrix computed in float64
-      (:func:`gram_subspace`); the subspace is exact to float64 rounding wherever it is well-defined.
+    - ``exact`` (default): :func:`gram_subspace`, the smaller Gram matrix's ``eigh`` refined in float64 until a
+      computed bound puts the subspace within 1e-7 rad of the exact one (float64 ``eigh`` if it never does).
     - ``full``: ``torch.linalg.svd(full_matrices=False)`` in the weight's precision (PEFT's default; in float32
       its subspace is off by about ``eps32 * s_1 / (s_r - s_{r+1})`` rad, large on flat spectra).
     - ``lowrank``: ``torch.svd_lowrank`` with ``q=rank`` and ``niter`` power iterations under a forked RNG seeded

@@ -29,7 +29,7 @@ from psoft_export.atomic import atomic_file, check_output_dir, check_overlap, ma
 from psoft_export.checkpoint import load_config, loading_kwargs
 from psoft_export.decompose import Decomposition, resolve_device
 from psoft_export.errors import PsoftExportError, UserInputError
-from psoft_export.train_config import DEFAULT_LR, TrainConfig, lr_at  # noqa: F401 (re-exported)
+from psoft_export.train_config import TrainConfig, lr_at
 
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "train_log.jsonl"
@@ -392,7 +392,6 @@ def _train_locked(model_dir, data, out_dir: Path, cfg: TrainConfig, decompositio
         check_output_dir(out_dir, overwrite, inputs)
         staging = out_dir.with_name(f".{out_dir.name}.decomposition-{os.getpid()}")
         try:
-            _check_writable(out_dir.parent)
             run = prepare(model_dir, data, cfg, decomposition, eval_data, decompose_into=staging,
                           allow_pickle=allow_pickle)
             if out_dir.exists():
@@ -429,7 +428,7 @@ def save_trained(run: Run, out_dir: Path, model_dir: str | Path, history: list[d
                                          heads=run.heads, extra=extra)
     except Exception as exc:
         reason = storage_failure(exc) or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        checkpoint = _checkpoint_paths(out_dir)[-1] if _checkpoint_paths(out_dir) else None
+        checkpoint = next(reversed(_checkpoint_paths(out_dir)), None)
         error = SaveFailed(f"training finished ({run.total_steps} steps) but writing the adapter failed: {reason}; "
                            f"the trained state is kept in {checkpoint}: fix the cause and run the same command with "
                            "--resume to write the adapter without retraining")
@@ -445,17 +444,6 @@ def save_trained(run: Run, out_dir: Path, model_dir: str | Path, history: list[d
 def _base_model_id(model_dir: str | Path) -> str:
     """What ``base_model_name_or_path`` must hold so ``AutoPeftModel...`` finds the base from any directory."""
     return str(Path(model_dir).resolve())
-
-
-def _check_writable(parent: Path) -> None:
-    """Fail before training, with one line, where the output cannot be written (read-only, missing rights)."""
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        probe = parent / f".psoft-export-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserInputError(f"cannot write to {parent}: {exc.strerror or exc}; choose another -o") from None
 
 
 def _write_log(out_dir: Path, history: list[dict]) -> None:

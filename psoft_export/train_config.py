@@ -7,7 +7,7 @@ before the first step (the rank from the decomposition, the learning rate per me
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from psoft_export.errors import UserInputError
@@ -96,10 +96,6 @@ class TrainConfig:
                                cayley=self.cayley or "exact", neumann_terms=self.neumann_terms,
                                vector_a=self.vectors, vector_b=self.vectors)
         return OftConfig(block_size=self.block_size, cayley=self.cayley or "neumann", neumann_terms=self.neumann_terms)
-
-    @classmethod
-    def option_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]
 
 
 def _is_int(value) -> bool:

@@ -77,30 +77,39 @@ def _precision(precision: str, device: str) -> Optional[torch.dtype]:
 def _load_model(model_dir: Path, kind: str, classes: list, tokenizer, dtype, device: str,
                 safe: dict) -> tuple[nn.Module, list[str]]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers.utils import logging
 
     config = load_config(model_dir)
     base_dtype = dtype if dtype is not None else torch.float32
-    if kind == "classify":
-        from transformers.utils import logging
-
-        verbosity = logging.get_verbosity()
-        logging.set_verbosity_error()  # "newly initialized: classifier": intended; the head is trained and saved
-        try:
+    if kind != "classify" and config.model_type in ENCODERS:
+        raise UserInputError(
+            f"{model_dir} is an encoder ({config.model_type}): train it on {{\"text\", \"label\"}} data "
+            "(sequence classification), not language-modelling text")
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # "newly initialized ...": judged below, with a message that says what to do
+    try:
+        if kind == "classify":
             model, info = AutoModelForSequenceClassification.from_pretrained(
                 model_dir, num_labels=len(classes), dtype=base_dtype, output_loading_info=True, **safe)
-        finally:
-            logging.set_verbosity(verbosity)
+        else:
+            model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=base_dtype, output_loading_info=True,
+                                                               **safe)
+    finally:
+        logging.set_verbosity(verbosity)
+    if kind == "classify":
         if model.config.pad_token_id is None:
             model.config.pad_token_id = tokenizer.pad_token_id
         # Modules the checkpoint did not have (the new head, BERT's pooler) are trained and saved with the adapter.
         heads = sorted({k.rsplit(".", 1)[0] for k in info["missing_keys"]})
         heads = [h for h in heads if not any(h.startswith(o + ".") for o in heads)]
     else:
-        if config.model_type in ENCODERS:
+        if info["missing_keys"]:  # e.g. a LlamaModel checkpoint with untied embeddings: no LM head to adapt
+            arch = (getattr(config, "architectures", None) or [config.model_type])[0]
             raise UserInputError(
-                f"{model_dir} is an encoder ({config.model_type}): train it on {{\"text\", \"label\"}} data "
-                "(sequence classification), not language-modelling text")
-        model, heads = AutoModelForCausalLM.from_pretrained(model_dir, dtype=base_dtype, **safe), []
+                f"{model_dir} ({arch}) has no {info['missing_keys'][0]}: language-model training would start from a "
+                "random output layer; use the checkpoint with its LM head (...ForCausalLM), or train a classifier "
+                "on {\"text\", \"label\"} data")
+        heads = []
     for head in heads:
         model.get_submodule(head).float()
     return model.to(device), heads

@@ -235,3 +235,37 @@ def test_a_failed_final_save_loses_nothing_and_resume_finishes_it(tmp_path, monk
     assert summary["steps"] == 3
     got, want = load_file(out / "psoft_export.safetensors"), load_file(reference / "psoft_export.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), "resume must not retrain"
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_base_model_only_llama_checkpoint(tmp_path, tied):
+    """Issue 12: a LlamaModel checkpoint (no `model.` prefix) trains PSOFT as a causal LM when its embeddings are
+    tied (the LM head exists through them); with untied embeddings there is no LM head, and it is refused."""
+    import shutil
+
+    from transformers import AutoConfig, LlamaModel
+
+    full = AutoModelForCausalLM.from_pretrained(MODELS / "llama")
+    config = AutoConfig.from_pretrained(MODELS / "llama")
+    config.tie_word_embeddings, config.architectures = tied, ["LlamaModel"]
+    base = LlamaModel(config)
+    base.load_state_dict(full.model.state_dict())
+    model_dir = tmp_path / "llama-base"
+    base.save_pretrained(model_dir)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(MODELS / "llama" / f, model_dir)
+    from psoft_export.decompose import decompose
+
+    dec = decompose(model_dir, tmp_path / "dec", 8, plot=False)
+    assert dec.targets[0].startswith("layers."), "decompose names modules after LlamaModel"
+    cfg = TrainConfig(**{**FAST, "steps": 2})
+    out = tmp_path / "adapter"
+    if not tied:
+        with pytest.raises(UserInputError, match=r"has no lm_head.weight: language-model training would start"):
+            train(model_dir, DATA / "train.jsonl", out, cfg, decomposition=dec.path)
+        assert not out.exists()
+        return
+    summary = train(model_dir, DATA / "train.jsonl", out, cfg, decomposition=dec.path)
+    meta = json.loads((out / "psoft_export.json").read_text())
+    assert meta["targets"][0].startswith("model.layers.") and len(meta["targets"]) == len(dec.targets)
+    assert meta["config"]["rank"] == 8 and summary["steps"] == 2

@@ -88,3 +88,15 @@ def linearize_conv1d(model: nn.Module) -> nn.Module:
 def peft_copy(model: nn.Module) -> nn.Module:
     """A copy of ``model`` PEFT can adapt (Conv1D turned into nn.Linear)."""
     return linearize_conv1d(copy.deepcopy(model))
+
+
+def require(module: str):
+    """Import an optional runtime the README's install provides; its absence fails the run (a skip would hide
+    that GGUF was never checked). Skips are for absent hardware only."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        pytest.fail(f"{module} is not installed ({exc}): install as the README says, "
+                    "pip install -c constraints-cpu.txt -e '.[cpu,test,llama]'")

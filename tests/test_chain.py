@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from psoft_export.cli import cli
-from tests.conftest import MODELS
+from tests.conftest import MODELS, require
 
 DATA = MODELS.parent / "data"
 
@@ -21,7 +21,7 @@ def run(*args) -> dict:
 
 @pytest.mark.parametrize("model", ["llama", "qwen2"])
 def test_decompose_train_merge_verify(tmp_path, model):
-    pytest.importorskip("llama_cpp")
+    require("llama_cpp")
     src = MODELS / model
     run("decompose", src, "-o", tmp_path / "decomp", "--rank", 8, "--no-plot", "--json")
     summary = run("train", src, "--data", DATA / "train.jsonl", "--eval-data", DATA / "eval.jsonl",

@@ -17,7 +17,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import converters.gguf as gg
 from psoft_export.errors import UserInputError
-from tests.conftest import MODELS, load_model, rel_err
+from tests.conftest import MODELS, load_model, rel_err, require
 from tests.llama_cpp_tools import llama3_test_vectors, llama_cpp_source, run_converter, tiny_llama3_dir
 
 # Fixed ids, BOS (id 0 in both fixtures) first.
@@ -33,7 +33,7 @@ RANK, ALPHA = 4, 8.0
 
 @pytest.fixture(scope="module")
 def llama_cpp():
-    return pytest.importorskip("llama_cpp")
+    return require("llama_cpp")
 
 
 @pytest.fixture(scope="module")

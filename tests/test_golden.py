@@ -15,6 +15,7 @@ import pytest
 
 from psoft_export import golden
 from psoft_export.golden import ADAPTERS, CASES, GOLDEN, ROUTES, compare, export, label, load_golden, record, tolerance
+from tests.conftest import require
 
 REGENERATE = "python -m psoft_export.golden --regenerate"
 
@@ -25,7 +26,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:.*aten..index:UserWarning")  # t
 @pytest.mark.parametrize("case,to,split", ROUTES, ids=[f"{c}-{golden.route_name(t, s)}" for c, t, s in ROUTES])
 def test_export_matches_its_golden(tmp_path, case, to, split):
     if to == "gguf":
-        pytest.importorskip("llama_cpp")
+        require("llama_cpp")
     where = label(case, to, split)
     expected = load_golden(case, to, split)
     assert expected is not None, f"golden missing: {where}: no {golden.golden_path(case, to, split)}; run {REGENERATE}"

@@ -19,7 +19,7 @@ from psoft_export.errors import UserInputError, VerificationError
 from psoft_export.merge import merge
 from psoft_export.train import TrainConfig, train
 from psoft_export.verify import fixed_inputs, load_base, reference_model, torch_outputs, verify
-from tests.conftest import MODELS
+from tests.conftest import MODELS, require
 from tests.test_train import DATA, FAST, randomize
 
 CASES = {
@@ -68,7 +68,7 @@ ROUTES = [
 @pytest.mark.parametrize("case,to,split", ROUTES)
 def test_export_matches_the_adapter_model(adapters, tmp_path, case, to, split):
     if to == "gguf":
-        pytest.importorskip("llama_cpp")
+        require("llama_cpp")
     model, adapter, shift = adapters[case]
     summary = merge(MODELS / model, adapter, tmp_path / "out", to, split=split)
     report = summary["verification"]
@@ -80,10 +80,42 @@ def test_export_matches_the_adapter_model(adapters, tmp_path, case, to, split):
             "could not tell an export without it")
     again = verify(tmp_path / "out", MODELS / model, adapter)
     assert again.ok and again.outputs.keys() == report["outputs"].keys(), "verify disagrees with merge's own check"
+    # An oracle we did not write: PEFT loads the adapter's PEFT files, builds R from the raw parameters itself
+    # and merges; the export, run in its own runtime, must agree with that at the route's bar.
+    from psoft_export.verify import RUNTIMES, read_export
+
+    inputs, kind, expected = peft_oracle(case, model, adapter)
+    got = RUNTIMES[to](tmp_path / "out", read_export(tmp_path / "out"), inputs, kind, MODELS / model)
+    mask = inputs["attention_mask"].bool().numpy()
+    for label, array in got.items():
+        a, b = (array, expected) if kind == "classify" else (array[mask], expected[mask])
+        err = float(abs(a - b).max() / abs(b).max())
+        assert err <= ORACLE_TOL[to], f"{case} {to} split={split}{label}: vs PEFT's own merge, rel err {err:.2e}"
+
+
+# Bars against PEFT's merge, fixed here (not imported from verify): float32 PyTorch/ORT 1e-4, llama.cpp 2e-3.
+ORACLE_TOL = {"safetensors": 1e-4, "onnx": 1e-4, "gguf": 2e-3}
+_ORACLES: dict = {}
+
+
+def peft_oracle(case: str, model: str, adapter):
+    """``(inputs, kind, logits)`` of ``PeftModel.from_pretrained(base, adapter).merge_and_unload()``."""
+    if case not in _ORACLES:
+        from peft import PeftModel
+
+        from tests.conftest import peft_copy
+
+        assert (adapter / "adapter_config.json").is_file(), f"{case}: no PEFT file to build the oracle from"
+        _, kind, classes = reference_model(MODELS / model, adapter)
+        base = peft_copy(load_base(MODELS / model, kind, classes, adapter))  # Conv1D -> Linear for PEFT
+        merged = PeftModel.from_pretrained(base, adapter).merge_and_unload().eval()
+        inputs = fixed_inputs(MODELS / model)
+        _ORACLES[case] = (inputs, kind, torch_outputs(merged, inputs, kind))
+    return _ORACLES[case]
 
 
 def test_quantized_gguf_has_its_own_tolerance(adapters, tmp_path):
-    pytest.importorskip("llama_cpp")
+    require("llama_cpp")
     model, adapter, _ = adapters["llama-psoft"]
     for dtype, quant in [("float16", None), ("float32", "q8_0")]:
         report = merge(MODELS / model, adapter, tmp_path / f"{dtype}{quant}", "gguf", dtype=dtype, quant=quant)["verification"]
@@ -191,7 +223,7 @@ def test_half_precision_safetensors_within_their_tolerance(adapters, tmp_path, d
 def test_llama_cpp_converter_takes_the_merged_output_unchanged(tmp_path):
     """GGUF-ready: llama.cpp's own convert_hf_to_gguf.py converts our merged safetensors directory (tiny Llama
     with a real Llama-3 tokenizer), and llama.cpp's logits on it equal the PyTorch model with the adapter."""
-    pytest.importorskip("llama_cpp")
+    require("llama_cpp")
     from converters import gguf as gg
     from psoft_export.adapters import OftConfig, inject
     from psoft_export.golden import randomize
@@ -238,7 +270,7 @@ def test_peft_trained_adapters_export_like_ours(tmp_path, kind):
     peft_model.save_pretrained(tmp_path / "peft")
     to, split = ("gguf", True) if kind == "psoft" else ("onnx", True)
     if to == "gguf":
-        pytest.importorskip("llama_cpp")
+        require("llama_cpp")
     summary = merge(MODELS / "qwen2", tmp_path / "peft", tmp_path / "out", to, split=split)
     assert summary["verification"]["ok"], summary["verification"]
     # the reference the check used is PEFT's own model: compare it with PEFT directly
@@ -260,3 +292,22 @@ def test_verify_inputs_file(adapters, tmp_path):
     bad = CliRunner().invoke(cli, ["verify", str(tmp_path / "out"), "--model", str(MODELS / model), "--adapter",
                                    str(adapter), "--inputs", str(tmp_path / "missing.jsonl")])
     assert bad.exit_code == 2 and "does not exist" in bad.output
+
+
+@pytest.mark.parametrize("delta,ok", [(3e-4, False), (3e-5, True)])
+def test_verify_fails_just_above_its_tolerance(adapters, tmp_path, delta, ok):
+    """A merged float32 export whose logits are off by 3x the 1e-4 bar must fail verify; 0.3x must pass. Scaling
+    Llama's final norm weight by (1 + delta) scales every logit by exactly that, so the relative error is delta.
+    Bug caught: a verify tolerance loosened 10x."""
+    from safetensors.torch import load_file, save_file
+
+    model, adapter, _ = adapters["llama-psoft"]
+    out = tmp_path / "merged"
+    merge(MODELS / model, adapter, out, "safetensors")
+    weights = load_file(out / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * (1 + delta)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    report = verify(out, MODELS / model, adapter)
+    err = report.outputs["logits"]["rel_err"]
+    assert err == pytest.approx(delta, rel=0.05), f"the perturbation should give rel err {delta}, got {err}"
+    assert report.ok is ok, f"rel err {err:.1e} against tolerance {report.tolerance:.0e}: verify said ok={report.ok}"

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from psoft_export.cli import cli
-from tests.conftest import MODELS
+from tests.conftest import MODELS, require
 
 DATA = MODELS.parent / "data"
 LLAMA = str(MODELS / "llama")
@@ -249,7 +249,7 @@ def tiny_disk(tmp_path):
 @pytest.mark.parametrize("to", ["safetensors", "gguf"])
 def test_full_disk_is_a_clean_error(tiny_disk, qwen_adapter, to):
     if to == "gguf":
-        pytest.importorskip("llama_cpp")
+        require("llama_cpp")
     full, _ = tiny_disk
     result = invoke(["merge", str(MODELS / "qwen2"), "--adapter", qwen_adapter, "--to", to, "-o", full / "out"])
     assert result.exit_code == 2 and "No space left on device; free space or choose another -o" in result.output, \

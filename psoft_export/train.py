@@ -69,8 +69,8 @@ class Run:
 def _precision(precision: str, device: str) -> Optional[torch.dtype]:
     if precision == "auto":
         precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    if precision != "fp32" and device != "cuda":
-        raise UserInputError(f"--precision {precision} needs a CUDA device: use --precision fp32 on CPU")
+    if precision == "fp16" and device != "cuda":  # CPU autocast runs bf16; fp16 needs CUDA (and its GradScaler)
+        raise UserInputError("--precision fp16 needs a CUDA device: use --precision bf16 or fp32 on CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 

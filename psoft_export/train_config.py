@@ -41,7 +41,7 @@ class TrainConfig:
     vectors: bool = field(default=True, metadata={"help": "PSOFT tunable vectors on both sides of R."})
     svd: str = field(default="exact", metadata={"help": "SVD backend when train decomposes itself."})
     init: Optional[str] = field(default=None, metadata={"help": "PSOFT factor init (from the decomposition; psoft)."})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), fp32, bf16, fp16."})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 (GPU or CPU), fp16 (GPU)."})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda."})
     grad_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
     warmup: float = field(default=0.05, metadata={"help": "Warmup as a fraction of the steps."})

@@ -311,3 +311,30 @@ def test_verify_fails_just_above_its_tolerance(adapters, tmp_path, delta, ok):
     err = report.outputs["logits"]["rel_err"]
     assert err == pytest.approx(delta, rel=0.05), f"the perturbation should give rel err {delta}, got {err}"
     assert report.ok is ok, f"rel err {err:.1e} against tolerance {report.tolerance:.0e}: verify said ok={report.ok}"
+
+
+@pytest.mark.parametrize("to", ["onnx", "gguf"])
+@pytest.mark.parametrize("factor,ok", [(3.0, False), (1 / 3, True)])
+def test_each_runtime_route_fails_just_above_its_tolerance(adapters, tmp_path, to, factor, ok):
+    """The export stays as written; the reference moves: verify against a copy of the base whose final norm weight
+    is scaled by (1 + delta), which scales every reference logit by exactly that. delta = 3x the route's bar must
+    fail, delta = bar / 3 must pass."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    if to == "gguf":
+        require("llama_cpp")
+    model, adapter, _ = adapters["llama-psoft"]
+    out = tmp_path / "export"
+    merge(MODELS / model, adapter, out, to)
+    delta = factor * ORACLE_TOL[to]
+    shifted = tmp_path / "shifted-base"
+    shutil.copytree(MODELS / model, shifted)
+    weights = load_file(shifted / "model.safetensors")
+    weights["model.norm.weight"] = weights["model.norm.weight"] * (1 + delta)
+    save_file(weights, str(shifted / "model.safetensors"), metadata={"format": "pt"})
+    report = verify(out, shifted, adapter)
+    err = report.outputs["logits"]["rel_err"]
+    assert err == pytest.approx(delta / (1 + delta), rel=0.1, abs=ORACLE_TOL[to] / 20), f"rel err {err:.2e}"
+    assert report.ok is ok, f"{to}: rel err {err:.1e} against tolerance {report.tolerance:.0e}: ok={report.ok}"

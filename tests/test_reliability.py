@@ -78,7 +78,7 @@ BAD_OPTIONS = {
     "rank-zero": (["--rank", "0"], "rank must be a positive integer"),
     "block-size": (["--method", "oft", "--block-size", "24"], "block sizes that fit every target: 4, 8, 16, 32"),
     "no-target": (["--targets", "nothing_here"], "no module matched targets nothing_here"),
-    "bf16-on-cpu": (["--precision", "bf16", "--device", "cpu"], "needs a CUDA device"),
+    "fp16-on-cpu": (["--precision", "fp16", "--device", "cpu"], "needs a CUDA device"),
     "lr": (["--lr", "-1"], "--lr must be a positive number"),
     "resume-nothing": (["--resume"], "does not exist"),
 }

@@ -15,7 +15,7 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from psoft_export import adapter_io, data as data_mod
-from psoft_export.adapters import OftConfig, PsoftConfig, adapter_layers, inject, parse_targets, select_targets
+from psoft_export.adapters import adapter_layers, inject, parse_targets, select_targets
 from psoft_export.adapters.cayley import orthogonality_error
 from psoft_export.atomic import atomic_file, check_output_dir, check_overlap, mark, output_lock, storage_failure
 from psoft_export.checkpoint import load_config, loading_kwargs

@@ -14,7 +14,7 @@ import json
 import pytest
 
 from psoft_export import golden
-from psoft_export.golden import ADAPTERS, CASES, GOLDEN, ROUTES, compare, export, label, load_golden, record, tolerance
+from psoft_export.golden import ADAPTERS, CASES, GOLDEN, ROUTES, compare, export, label, load_golden, record
 from tests.conftest import require
 
 REGENERATE = "python -m psoft_export.golden --regenerate"
@@ -31,7 +31,7 @@ def test_export_matches_its_golden(tmp_path, case, to, split):
     expected = load_golden(case, to, split)
     assert expected is not None, f"golden missing: {where}: no {golden.golden_path(case, to, split)}; run {REGENERATE}"
     got = record(case, to, split, export(case, to, split, tmp_path / "out"))
-    drift = compare(expected, got, where, tolerance(to))
+    drift = compare(expected, got, where, expected["tolerance"])  # the bar reviewed with the golden record
     assert not drift, "\n".join(drift[:20] + ([f"... {len(drift) - 20} more"] if len(drift) > 20 else [])
                                 + [f"(intended? run {REGENERATE} and commit the result)"])
 

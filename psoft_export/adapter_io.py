@@ -18,7 +18,6 @@ our files is read as PEFT would read it (subspace recomputed by PEFT's algorithm
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -35,6 +34,7 @@ from psoft_export.adapters import OftConfig, OftLinear, PsoftConfig, PsoftLinear
 from psoft_export.adapters.cayley import skew_symmetric
 from psoft_export.adapters.layout import is_fan_in_fan_out, weight_out_in
 from psoft_export.atomic import atomic_file
+from psoft_export.checkpoint import check_weights, file_sha256
 from psoft_export.errors import UserInputError
 from psoft_export.subspace import principal_subspace, psoft_factors
 
@@ -74,7 +74,18 @@ def peft_config(cfg: MethodConfig, targets: list[str], fan_in_fan_out: bool, tas
 
 
 def method_config(peft: dict, where: str = "adapter") -> MethodConfig:
-    """Our config from a PEFT ``adapter_config.json`` dict (PSOFT or OFT); anything else is refused."""
+    """Our config from a PEFT ``adapter_config.json`` dict (PSOFT or OFT); anything else, or a field of the wrong
+    type (``"r": null``, ``"psoft_alpha": []``), is refused in one line."""
+    try:
+        return _method_config(peft, where)
+    except UserInputError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
+        raise UserInputError(f"{where}: {CONFIG_FILE} has a missing field or one of the wrong type "
+                             f"({type(exc).__name__}: {str(exc)[:120]}): re-save the adapter") from None
+
+
+def _method_config(peft: dict, where: str) -> MethodConfig:
     kind = peft.get("peft_type")
     cayley = "neumann" if peft.get("use_cayley_neumann") else "exact"
     if kind == "PSOFT":
@@ -241,14 +252,6 @@ def save_adapter(out_dir: Path, model: nn.Module, cfg: MethodConfig, *, base_mod
     return report
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 # ---------------------------------------------------------------- read
 
 def read_meta(adapter_dir: Path) -> Optional[dict]:
@@ -260,9 +263,31 @@ def read_meta(adapter_dir: Path) -> Optional[dict]:
         meta = json.loads(path.read_text())
     except ValueError as exc:
         raise UserInputError(f"{path} is not valid JSON ({exc}): re-save the adapter (train --resume)") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not isinstance(meta.get("targets"), list):
-        raise UserInputError(f"{path} is not a psoft-export adapter record (format {FORMAT}): re-save the adapter")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or not _meta_is_well_formed(meta):
+        raise UserInputError(f"{path} is not a well-formed psoft-export adapter record (format {FORMAT}; targets, "
+                             "task, classes, heads, hashes of the right types): re-save the adapter (train --resume)")
     return meta
+
+
+def _is_str_list(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _meta_is_well_formed(meta: dict) -> bool:
+    """The fields our readers use, with their types (everything else in the record is informational)."""
+    weights = meta.get("base_weights")
+    classes = meta.get("classes")
+    return (_is_str_list(meta.get("targets")) and bool(meta["targets"])
+            and meta.get("task") in ("causal", "completion", "classify")
+            and meta.get("method") in ("psoft", "oft") and isinstance(meta.get("config"), dict)
+            and (classes is None or (isinstance(classes, list) and len(classes) >= 2
+                                     and all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in classes)))
+            and _is_str_list(meta.get("heads", []))
+            and (meta.get("peft_config") is None or isinstance(meta["peft_config"], dict))
+            and (meta.get("peft_sha256") is None or isinstance(meta["peft_sha256"], str))
+            and (weights is None or (isinstance(weights, dict) and all(
+                isinstance(w, dict) and isinstance(w.get("key"), str) and isinstance(w.get("sha256"), str)
+                for w in weights.values()))))
 
 
 def read_config(adapter_dir: Path) -> dict:
@@ -284,6 +309,11 @@ def read_config(adapter_dir: Path) -> dict:
         config = meta["peft_config"]
     if not isinstance(config, dict):
         raise UserInputError(f"{adapter_dir / CONFIG_FILE} is not a JSON object: re-save the adapter")
+    heads, task, targets = config.get("modules_to_save"), config.get("task_type"), config.get("target_modules")
+    if not ((heads is None or _is_str_list(heads)) and (task is None or isinstance(task, str))
+            and (targets is None or isinstance(targets, str) or _is_str_list(targets))):
+        raise UserInputError(f"{adapter_dir / CONFIG_FILE}: modules_to_save, task_type or target_modules has the "
+                             "wrong type: re-save the adapter")
     return config
 
 
@@ -338,6 +368,9 @@ def load_adapter(model: nn.Module, adapter_dir: Path, model_dir: Optional[Path] 
         raise UserInputError(f"{adapter_dir} holds no {peft['peft_type']} tensors: the files do not match the config")
     _check_targets_exist(model, targets, adapter_dir)
     factors = None
+    if meta is not None and model_dir is not None and meta.get("base_weights"):
+        check_weights(model_dir, meta["base_weights"], f"adapter {adapter_dir}",
+                      "it was trained on another model; pass the base model it was trained on")
     if meta is not None and isinstance(cfg, PsoftConfig):
         decomposition = Decomposition.load(adapter_dir / DECOMPOSITION_DIR)
         if model_dir is not None:

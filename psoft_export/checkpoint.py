@@ -148,6 +148,35 @@ def sha256_of(tensor: torch.Tensor) -> str:
     return h.hexdigest()
 
 
+def weights_identity(model_dir: str | Path, names: list[str], base_prefix: str = "") -> dict[str, dict]:
+    """``{module: {key, sha256}}`` of the source tensors behind ``names`` (``<module>.weight``), read one at a
+    time: what ties an adapter to the exact base weights it was trained on."""
+    source = ModelSource(model_dir)
+    out = {}
+    for name in names:
+        key = source.resolve(name, base_prefix)
+        out[name] = {"key": key, "sha256": sha256_of(source.tensor(key))}
+    return out
+
+
+def check_weights(model_dir: str | Path, records: dict[str, dict], what: str, remedy: str) -> None:
+    """Refuse ``model_dir`` when a recorded ``{key, sha256}`` is missing or differs (see :func:`weights_identity`)."""
+    source = ModelSource(model_dir)
+    for info in records.values():
+        key = info["key"]
+        if key not in source.keys() or sha256_of(source.tensor(key)) != info["sha256"]:
+            raise UserInputError(f"{what} was computed from other weights than {model_dir} ({key} differs): {remedy}")
+
+
+def file_sha256(path: Path) -> str:
+    """Content hash of a whole file, read a megabyte at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def load_config(model_dir: Path):
     from transformers import AutoConfig
 
@@ -173,6 +202,33 @@ def skeleton(model_dir: Path) -> nn.Module:
             raise UserInputError(f"transformers cannot build {arch or config.model_type}: {exc}") from None
 
 
+def load_tokenizer(model_dir: str | Path):
+    """The model's tokenizer; a damaged or missing one is one line, not a traceback from the tokenizers library."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)  # never trust_remote_code
+    except Exception as exc:  # tokenizers/transformers raise many types for a damaged file
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise UserInputError(f"cannot load the tokenizer of {model_dir} ({reason[:200]}): restore its tokenizer "
+                             "files (tokenizer.json, tokenizer_config.json) from the original model") from None
+
+
+def check_config_sizes(model_dir: str | Path, source: "ModelSource") -> None:
+    """Refuse a config.json whose sizes the weights cannot have (``hidden_size: 1e9``, ``num_hidden_layers: 1e7``)
+    before transformers allocates or builds anything from it (an allocation error or a hang)."""
+    config = load_config(model_dir)
+    dims = {d for key in source.keys() for d in source.shape(key)}
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers > len(source.keys()):
+        raise UserInputError(f"{Path(model_dir) / 'config.json'} says num_hidden_layers={layers} but the checkpoint "
+                             f"holds only {len(source.keys())} tensors: the config does not match the weights")
+    hidden = getattr(config, "hidden_size", None)
+    if isinstance(hidden, int) and dims and hidden not in dims:
+        raise UserInputError(f"{Path(model_dir) / 'config.json'} says hidden_size={hidden} but no tensor of the "
+                             "checkpoint has that dimension: the config does not match the weights")
+
+
 def loading_kwargs(model_dir: str | Path, allow_pickle: bool = False) -> dict:
     """Validate ``model_dir``'s weights before transformers reads them and return ``from_pretrained`` options.
 
@@ -183,5 +239,5 @@ def loading_kwargs(model_dir: str | Path, allow_pickle: bool = False) -> dict:
     if allow_pickle and not any((model_dir / f).is_file() for f in (SINGLE, INDEX)):
         load_config(model_dir)
         return {"use_safetensors": False, "trust_remote_code": False}
-    ModelSource(model_dir)
+    check_config_sizes(model_dir, ModelSource(model_dir))
     return {"use_safetensors": True, "trust_remote_code": False}

@@ -61,6 +61,9 @@ def read_jsonl(path: str | Path) -> tuple[str, list[dict]]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserInputError(f"{path}:{number}: invalid JSON ({exc.msg}): one JSON object per line") from None
+        except (ValueError, RecursionError) as exc:  # 5000-digit integers, nesting deeper than Python's stack
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0]
+            raise UserInputError(f"{path}:{number}: unreadable JSON ({reason}): one flat JSON object per line") from None
         if not isinstance(record, dict):
             raise UserInputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         records.append((number, record))

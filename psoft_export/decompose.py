@@ -24,7 +24,7 @@ from psoft_export.adapters.layout import is_fan_in_fan_out
 from psoft_export.adapters.surgery import Targets, select_targets
 from psoft_export.atomic import atomic_output_dir, check_output_dir
 from psoft_export.defaults import DEFAULT_NITER, DEFAULT_OVERSAMPLE
-from psoft_export.checkpoint import ModelSource, prefix_variants, sha256_of, skeleton
+from psoft_export.checkpoint import ModelSource, check_config_sizes, check_weights, file_sha256, prefix_variants, sha256_of, skeleton
 from psoft_export.errors import UserInputError
 from psoft_export.subspace import (
     INITS, SVD_BACKENDS, Subspace, check_rank, energy_fraction, principal_subspace, psoft_factors,
@@ -54,8 +54,10 @@ class Decomposition:
             raise UserInputError(f"{path} is not a decomposition directory (no {MANIFEST_FILE}): run decompose") from None
         except ValueError as exc:
             raise UserInputError(f"{path / MANIFEST_FILE} is not valid JSON: {exc}") from None
-        if manifest.get("format") != FORMAT:
-            raise UserInputError(f"{path} has format {manifest.get('format')!r}, expected {FORMAT}: re-run decompose")
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+            raise UserInputError(f"{path} has format {found!r}, expected {FORMAT}: re-run decompose")
+        _check_manifest(path, manifest)
         return cls(path, manifest)
 
     @property
@@ -63,9 +65,27 @@ class Decomposition:
         return list(self.manifest["targets"])
 
     def factors(self, device: str = "cpu") -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """``{module: (A (r, in), B (out, r))}`` ready for :func:`psoft_export.adapters.inject`."""
+        """``{module: (A (r, in), B (out, r))}`` ready for :func:`psoft_export.adapters.inject`; the file must be
+        the one ``decompose`` wrote (sha256 in the manifest), complete and finite."""
         if self._factors is None:
-            self._factors = load_file(self.path / FACTORS_FILE, device=device)
+            path = self.path / FACTORS_FILE
+            expected = self.manifest.get("factors_sha256")
+            if not path.is_file():
+                raise UserInputError(f"{path} is missing: the decomposition is incomplete; re-run decompose")
+            if expected is not None and file_sha256(path) != expected:
+                raise UserInputError(f"{path} is not the file decompose wrote (its sha256 differs from the manifest): "
+                                     "the factors were edited or damaged; re-run decompose")
+            try:
+                self._factors = load_file(path, device=device)
+            except Exception as exc:  # safetensors raises several types for a damaged file
+                raise UserInputError(f"{path} is not a readable safetensors file ({exc}): re-run decompose") from None
+        missing = [f"{n}.{p}" for n in self.targets for p in ("A", "B") if f"{n}.{p}" not in self._factors]
+        if missing:
+            raise UserInputError(f"{self.path / FACTORS_FILE} has no {missing[0]} ({len(missing)} missing): "
+                                 "the decomposition is incomplete; re-run decompose")
+        for key, t in self._factors.items():
+            if not bool(torch.isfinite(t).all()):
+                raise UserInputError(f"{self.path / FACTORS_FILE}: {key} holds NaN or Inf values: re-run decompose")
         return {n: (self._factors[f"{n}.A"], self._factors[f"{n}.B"]) for n in self.targets}
 
     def aligned(self, model: nn.Module) -> dict[str, str]:
@@ -89,14 +109,21 @@ class Decomposition:
 
     def check_source(self, model_dir: str | Path) -> None:
         """Refuse a model whose target weights are not the ones this decomposition was computed from."""
-        source = ModelSource(model_dir)
-        for name, info in self.manifest["targets"].items():
-            key = info["key"]
-            if key not in source.keys() or sha256_of(source.tensor(key)) != info["sha256"]:
-                raise UserInputError(
-                    f"decomposition {self.path} was computed from other weights than {model_dir} "
-                    f"({key} differs): re-run decompose on this model"
-                )
+        check_weights(model_dir, self.manifest["targets"], f"decomposition {self.path}",
+                      "re-run decompose on this model")
+
+
+def _check_manifest(path: Path, m: dict) -> None:
+    """The fields the readers rely on, with their types: a garbled manifest is one line, not a KeyError."""
+    targets = m.get("targets")
+    ok = (isinstance(m.get("rank"), int) and not isinstance(m.get("rank"), bool) and m["rank"] > 0
+          and isinstance(m.get("alpha"), (int, float)) and math.isfinite(m["alpha"]) and m["alpha"] > 0
+          and isinstance(targets, dict) and targets
+          and all(isinstance(t, dict) and isinstance(t.get("key"), str) and isinstance(t.get("sha256"), str)
+                  for t in targets.values()))
+    if not ok:
+        raise UserInputError(f"{path / MANIFEST_FILE} is incomplete or damaged (rank, alpha or targets missing or of "
+                             "the wrong type): re-run decompose")
 
 
 def resolve_device(device: str) -> str:
@@ -119,6 +146,7 @@ def target_kind(name: str) -> str:
 def plan(model_dir: Path, rank: int, targets: Targets) -> tuple[ModelSource, list[tuple[str, str, bool]]]:
     """Validate everything before any SVD: ``[(module, checkpoint key, fan_in_fan_out)]``."""
     source = ModelSource(model_dir)
+    check_config_sizes(model_dir, source)
     model = skeleton(model_dir)
     prefix = getattr(model, "base_model_prefix", "")
     jobs = []
@@ -173,8 +201,8 @@ def decompose(
     if niter < 0 or oversample < 0:
         raise UserInputError("--niter and --oversample must be >= 0")
     alpha = float(rank if alpha is None else alpha)
-    if alpha <= 0:
-        raise UserInputError(f"--alpha must be > 0, got {alpha}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise UserInputError(f"--alpha must be a finite number > 0, got {alpha}")
     device = resolve_device(device)
     source, jobs = plan(model_dir, rank, targets)
     check_output_dir(Path(out_dir), overwrite, inputs=[model_dir])
@@ -185,6 +213,8 @@ def decompose(
     for name, key, fifo in (progress(jobs) if progress else jobs):
         weight = source.tensor(key, device=device)
         digest = sha256_of(weight)
+        if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
+            raise UserInputError(f"{key} holds NaN or Inf values: the checkpoint is damaged; re-download or re-save it")
         W = weight.T if fifo else weight
         del weight
         sub = _subspace(W, rank, svd, niter, oversample, seed)
@@ -215,6 +245,7 @@ def decompose(
     out_dir = Path(out_dir)
     with atomic_output_dir(out_dir, overwrite, inputs=[model_dir], command="decompose") as tmp:
         save_file(tensors, tmp / FACTORS_FILE, metadata={"format": FORMAT, "rank": str(rank)})
+        manifest["factors_sha256"] = file_sha256(tmp / FACTORS_FILE)  # edited factors are refused at load
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         if plot:
             plot_spectra(tensors, records, rank, tmp / PLOT_FILE)

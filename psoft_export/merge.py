@@ -31,7 +31,7 @@ from torch import nn
 from psoft_export import __version__, adapter_io
 from psoft_export.adapters import OftLinear, PsoftLinear, adapter_layers, merge_and_unload, unload
 from psoft_export.atomic import atomic_output_dir, check_output_dir
-from psoft_export.checkpoint import load_config
+from psoft_export.checkpoint import load_config, load_tokenizer
 from psoft_export.errors import UserInputError, VerificationError
 from psoft_export.verify import EXPORT_FILE, EXPORT_FORMAT, model_kind, reference_model, verify_export
 
@@ -101,12 +101,10 @@ def peft_lora_config(targets: list[str], rank: int, alpha: float, base_model: st
 # ------------------------------------------------------------------------------------------ routes
 
 def _save_hf(model: nn.Module, model_dir: Path, out: Path, dtype: str) -> None:
-    from transformers import AutoTokenizer
-
     model = model.to(DTYPES[dtype])
     model.config.dtype = dtype
     model.save_pretrained(out, max_shard_size="2GB")
-    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    load_tokenizer(model_dir).save_pretrained(out)
 
 
 def _merged_hf(model: nn.Module, model_dir: Path, out: Path, dtype: str) -> None:

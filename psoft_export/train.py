@@ -15,7 +15,7 @@ import os
 import shutil
 import signal
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -26,7 +26,9 @@ from psoft_export import adapter_io, data as data_mod
 from psoft_export.adapters import adapter_layers, inject, parse_targets, select_targets
 from psoft_export.adapters.cayley import orthogonality_error
 from psoft_export.atomic import atomic_file, check_output_dir, check_overlap, mark, output_lock, storage_failure
-from psoft_export.checkpoint import load_config, loading_kwargs
+from psoft_export.checkpoint import (
+    file_sha256, load_config, load_tokenizer, loading_kwargs, weights_identity,
+)
 from psoft_export.decompose import Decomposition, resolve_device
 from psoft_export.errors import PsoftExportError, UserInputError
 from psoft_export.train_config import TrainConfig, lr_at
@@ -64,6 +66,9 @@ class Run:
     heads: list[str]
     total_steps: int
     decomposition: Optional[Decomposition]
+    # What the run is tied to, checked on --resume: the data files' hashes and (OFT: PSOFT's decomposition already
+    # holds them) the hashes of the targeted base weights.
+    identity: dict = field(default_factory=dict)
 
 
 def _precision(precision: str, device: str) -> Optional[torch.dtype]:
@@ -123,8 +128,6 @@ def prepare(model_dir: str | Path, data: str | Path, cfg: TrainConfig, decomposi
     PSOFT without ``decomposition`` decomposes the model into ``decompose_into`` (the same code as the
     ``decompose`` command) once the cheap checks have passed.
     """
-    from transformers import AutoTokenizer
-
     from psoft_export.decompose import decompose
 
     model_dir = Path(model_dir)
@@ -146,9 +149,10 @@ def prepare(model_dir: str | Path, data: str | Path, cfg: TrainConfig, decomposi
         cfg = _with_decomposition(cfg, decomp)
     cfg = cfg.resolved()
     method_cfg = cfg.method_config()
+    _check_positions(model_dir, cfg.seq_len)
     device = resolve_device(cfg.device)
     dtype = _precision(cfg.precision, device)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     classes = data_mod.class_names(records) if kind == "classify" else None
@@ -164,7 +168,20 @@ def prepare(model_dir: str | Path, data: str | Path, cfg: TrainConfig, decomposi
         model.enable_input_require_grads()
     per_epoch = math.ceil(len(train_set) / cfg.batch_size / cfg.grad_accum)
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * per_epoch))
-    return Run(cfg, model, tokenizer, train_set, eval_set, device, dtype, heads, total, decomp)
+    identity = {"data": file_sha256(Path(data)), "eval_data": file_sha256(Path(eval_data)) if eval_data else None,
+                # (pickled checkpoints, read with --allow-pickle, are not hashed: ModelSource reads safetensors only)
+                "base_weights": None if decomp is not None or not safe["use_safetensors"] else weights_identity(
+                    model_dir, list(adapter_layers(model)), getattr(model, "base_model_prefix", ""))}
+    return Run(cfg, model, tokenizer, train_set, eval_set, device, dtype, heads, total, decomp, identity)
+
+
+def _check_positions(model_dir: Path, seq_len: int) -> None:
+    """Refuse a --seq-len the model has no position embeddings for (an index error deep in the forward pass)."""
+    config = load_config(model_dir)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    if isinstance(limit, int) and seq_len > limit:
+        raise UserInputError(f"--seq-len {seq_len} exceeds the {limit} positions of {model_dir}: use --seq-len {limit} "
+                             "or less")
 
 
 def _with_decomposition(cfg: TrainConfig, decomp: Decomposition) -> TrainConfig:
@@ -200,7 +217,7 @@ def save_checkpoint(out_dir: Path, run: Run, optimizer, step: int, history: list
     """``checkpoints/step-NNNNNNN.pt`` written to a temporary name and renamed; keeps the newest few."""
     trainable = {n: p.detach().cpu() for n, p in run.model.named_parameters() if p.requires_grad}
     state = {"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(), "history": history,
-             "rng": torch.get_rng_state(), "config": asdict(run.cfg),
+             "rng": torch.get_rng_state(), "config": asdict(run.cfg), "identity": run.identity,
              "cuda_rng": torch.cuda.get_rng_state() if run.device == "cuda" else None}
     folder = out_dir / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
@@ -215,14 +232,32 @@ def load_checkpoint(out_dir: Path, cfg: TrainConfig) -> dict:
     paths = _checkpoint_paths(out_dir)
     if not paths:
         raise UserInputError(f"--resume: {out_dir} has no checkpoints: start without --resume")
-    state = torch.load(paths[-1], map_location="cpu", weights_only=True)
-    stored = TrainConfig(**state["config"])
+    try:
+        state = torch.load(paths[-1], map_location="cpu", weights_only=True)
+        stored = TrainConfig(**state["config"])
+    except Exception as exc:  # truncated or damaged file: torch/pickle raise many types
+        earlier = f" (the one before it, {paths[-2].name}, is kept)" if len(paths) > 1 else ""
+        raise UserInputError(f"--resume: checkpoint {paths[-1]} is damaged ({type(exc).__name__}): move it away to "
+                             f"resume from the previous checkpoint{earlier}, or start again") from None
     ignore = {"save_every", "eval_every", "log_every", "device", "grad_checkpointing"}
     changed = [f.name for f in fields(TrainConfig) if f.name not in ignore and getattr(stored, f.name) != getattr(cfg, f.name)]
     if changed:
         raise UserInputError(f"--resume: {', '.join('--' + c.replace('_', '-') for c in changed)} differ from the "
                              "interrupted run: resume with the same options")
     return state
+
+
+def _check_identity(run: Run, stored: Optional[dict]) -> None:
+    """``--resume`` continues the same run: the same data files and the same base weights."""
+    if not stored:  # checkpoints written before 0.2.0
+        return
+    for name, flag in (("data", "--data"), ("eval_data", "--eval-data")):
+        if stored.get(name) != run.identity.get(name):
+            raise UserInputError(f"--resume: {flag} is not the file the interrupted run trained on (its sha256 "
+                                 "differs): resume with the same data, or start a new run")
+    if stored.get("base_weights") and stored["base_weights"] != run.identity.get("base_weights"):
+        raise UserInputError("--resume: the model's targeted weights differ from the interrupted run's: resume with "
+                             "the same base model, or start a new run")
 
 
 # ---------------------------------------------------------------------------------------------- the loop
@@ -308,6 +343,7 @@ def train_loop(run: Run, out_dir: Path, resume: bool = False, progress: Optional
     start, history = 0, []
     if resume:
         state = load_checkpoint(out_dir, cfg)
+        _check_identity(run, state.get("identity"))
         named = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in state["trainable"].items():
@@ -431,7 +467,8 @@ def save_trained(run: Run, out_dir: Path, model_dir: str | Path, history: list[d
     try:
         _write_log(out_dir, history)
         extra = {"train": {**asdict(cfg), "steps": run.total_steps, "final_loss": history[-1]["loss"],
-                           "eval_loss": history[-1].get("eval_loss")}}
+                           "eval_loss": history[-1].get("eval_loss"), "data_sha256": run.identity.get("data")},
+                 "base_weights": run.identity.get("base_weights")}
         report = adapter_io.save_adapter(out_dir, run.model, cfg.method_config(), base_model=_base_model_id(model_dir),
                                          task=run.train_set.kind, classes=run.train_set.labels or None,
                                          heads=run.heads, extra=extra)

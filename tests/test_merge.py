@@ -338,3 +338,21 @@ def test_each_runtime_route_fails_just_above_its_tolerance(adapters, tmp_path, t
     err = report.outputs["logits"]["rel_err"]
     assert err == pytest.approx(delta / (1 + delta), rel=0.1, abs=ORACLE_TOL[to] / 20), f"rel err {err:.2e}"
     assert report.ok is ok, f"{to}: rel err {err:.1e} against tolerance {report.tolerance:.0e}: ok={report.ok}"
+
+
+def test_verify_checks_every_weight_of_a_merged_export(adapters, tmp_path):
+    """Issue 13.8: a corrupted embedding row the fixed sentences never use still fails verify."""
+    from safetensors.torch import load_file, save_file
+
+    model, adapter, _ = adapters["llama-psoft"]
+    out = tmp_path / "merged"
+    summary = merge(MODELS / model, adapter, out, "safetensors")
+    assert summary["verification"]["outputs"]["weights"]["rel_err"] <= 1e-6, "a float32 merge writes the fold"
+    weights = load_file(out / "model.safetensors")
+    used = set(fixed_inputs(MODELS / model)["input_ids"].flatten().tolist())
+    row = next(i for i in range(weights["model.embed_tokens.weight"].shape[0]) if i not in used)
+    weights["model.embed_tokens.weight"][row] += 1.0
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    report = verify(out, MODELS / model, adapter)
+    assert report.outputs["logits"]["rel_err"] <= 1e-6, "the sentences do not see this row (else the test is vacuous)"
+    assert not report.ok and report.outputs["weights"]["worst"] == "model.embed_tokens.weight"

@@ -352,3 +352,129 @@ def test_sparse_integer_labels_are_refused_at_once(tmp_path):
     out = tmp_path / "out"
     assert_clean_failure(invoke(["train", str(MODELS / "bert"), "--data", data, "-o", out, "--method", "oft",
                                  "--block-size", 16, "--steps", 1]), "class ids 0..K-1", out)
+
+
+# ------------------------------------------------------------------------------- issue 13: nothing unchecked
+
+
+OFT = ["--method", "oft", "--block-size", "16", "--steps", "2", "--seq-len", "32", "--batch-size", "4"]
+
+
+def test_an_oft_adapter_is_tied_to_its_base_weights(tmp_path):
+    adapter = tmp_path / "oft-llama"
+    assert invoke(["train", LLAMA, "--data", DATA / "train.jsonl", "-o", adapter, *OFT]).exit_code == 0
+    meta = json.loads((adapter / "psoft_export.json").read_text())
+    assert len(meta["base_weights"]) == 14
+    out = tmp_path / "out"
+    assert_clean_failure(invoke(["merge", str(MODELS / "qwen2"), "--adapter", adapter, "--to", "safetensors",
+                                 "-o", out]), "was computed from other weights", out)
+
+
+def test_resume_refuses_other_data(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", LLAMA, "-o", out, "--save-every", "1", *OFT]
+    assert invoke([*args, "--data", DATA / "train.jsonl"]).exit_code == 0
+    (out / "psoft_export.safetensors").unlink()  # as if the final save had failed
+    other = write(tmp_path / "other.jsonl", '{"text": "something else entirely"}\n' * 50)
+    refused(invoke([*args, "--data", other, "--resume"]), "--data is not the file the interrupted run trained on")
+
+
+def test_edited_decomposition_factors_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    dec = tmp_path / "dec"
+    assert invoke(["decompose", LLAMA, "-o", dec, "--rank", 8]).exit_code == 0
+    factors = load_file(dec / "decomposition.safetensors")
+    key = next(k for k in factors if k.endswith(".A"))
+    factors[key] = factors[key] * 1.001
+    save_file(factors, str(dec / "decomposition.safetensors"))
+    out = tmp_path / "out"
+    assert_clean_failure(invoke(["train", LLAMA, "--data", DATA / "train.jsonl", "--decomposition", dec, "-o", out,
+                                 *TRAIN]), "is not the file decompose wrote", out)
+
+
+@pytest.mark.parametrize("alpha", ["nan", "inf", "-1"])
+def test_decompose_refuses_a_non_finite_alpha(tmp_path, alpha):
+    assert_clean_failure(invoke(["decompose", LLAMA, "-o", tmp_path / "out", "--rank", 4, "--alpha", alpha]),
+                         "--alpha must be a finite number > 0", tmp_path / "out")
+
+
+def test_decompose_refuses_nan_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(LLAMA, model)
+    weights = load_file(model / "model.safetensors")
+    weights["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
+    assert_clean_failure(invoke(["decompose", model, "-o", tmp_path / "out", "--rank", 4]),
+                         "holds NaN or Inf values", tmp_path / "out")
+
+
+def test_a_damaged_manifest_is_one_line(tmp_path):
+    dec = tmp_path / "dec"
+    assert invoke(["decompose", LLAMA, "-o", dec, "--rank", 8]).exit_code == 0
+    manifest = json.loads((dec / "manifest.json").read_text())
+    del manifest["rank"]
+    (dec / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "out"
+    assert_clean_failure(invoke(["train", LLAMA, "--data", DATA / "train.jsonl", "--decomposition", dec, "-o", out,
+                                 *TRAIN]), "is incomplete or damaged", out)
+
+
+def test_a_garbage_tokenizer_is_one_line(tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(LLAMA, model)
+    (model / "tokenizer.json").write_text("{not json")
+    out = tmp_path / "out"
+    assert_clean_failure(invoke(["train", model, "--data", DATA / "train.jsonl", "-o", out, *OFT]),
+                         "cannot load the tokenizer", out)
+
+
+def test_seq_len_beyond_the_positions_is_refused(tmp_path):
+    out = tmp_path / "out"
+    limit = json.loads((MODELS / "gpt2" / "config.json").read_text())["n_positions"]
+    assert_clean_failure(invoke(["train", str(MODELS / "gpt2"), "--data", DATA / "train.jsonl", "-o", out,
+                                 "--method", "oft", "--block-size", 16, "--steps", 1, "--seq-len", limit + 1]),
+                         f"exceeds the {limit} positions", out)
+
+
+def test_a_truncated_checkpoint_on_resume_is_one_line(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", LLAMA, "--data", DATA / "train.jsonl", "-o", out, *OFT]
+    assert invoke(args).exit_code == 0
+    ckpt = sorted((out / "checkpoints").glob("step-*.pt"))[-1]
+    ckpt.write_bytes(ckpt.read_bytes()[:100])
+    refused(invoke([*args, "--resume"]), "is damaged")
+
+
+def test_verify_refuses_a_corrupt_export_record(tmp_path, qwen_adapter):
+    out = tmp_path / "export"
+    assert invoke(["merge", str(MODELS / "qwen2"), "--adapter", qwen_adapter, "--to", "safetensors", "-o", out,
+                   "--no-verify"]).exit_code == 0
+    (out / "export.json").write_text("{broken")
+    refused(invoke(["verify", out, "--model", str(MODELS / "qwen2"), "--adapter", qwen_adapter]), "is not valid JSON")
+
+
+@pytest.mark.parametrize("line", ['{"text": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                                  '{"text": "a", "label": ' + "9" * 5000 + "}"])
+def test_hostile_jsonl_is_one_line(tmp_path, line):
+    data = write(tmp_path / "hostile.jsonl", line + "\n")
+    out = tmp_path / "out"
+    assert_clean_failure(invoke(["train", LLAMA, "--data", data, "-o", out, *OFT]), "hostile.jsonl:1:", out)
+
+
+@pytest.mark.parametrize("field,value,message", [("hidden_size", 10**9, "hidden_size=1000000000"),
+                                                 ("num_hidden_layers", 10**7, "num_hidden_layers=10000000")])
+@pytest.mark.parametrize("command", ["decompose", "train"])
+def test_absurd_config_sizes_are_refused_before_any_allocation(tmp_path, field, value, message, command):
+    model = tmp_path / "model"
+    shutil.copytree(LLAMA, model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, field: value}))
+    out = tmp_path / "out"
+    args = ["decompose", model, "-o", out, "--rank", 4] if command == "decompose" else \
+        ["train", model, "--data", DATA / "train.jsonl", "-o", out, *OFT]
+    start = time.perf_counter()
+    assert_clean_failure(invoke(args), message, out)
+    assert time.perf_counter() - start < 30, "refused at once, not after an allocation"

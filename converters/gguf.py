@@ -342,22 +342,51 @@ def _tensor_order(name: str) -> tuple[int, int, str]:
     return (0 if name.startswith("token_embd") else 2, 0, name)
 
 
-def _plan(model_dir: Path, config: dict[str, Any], arch: str, wanted: QType) -> list[_Planned]:
+def tensor_names(hf_names: list[str], config: dict[str, Any], arch: str) -> list[tuple[str, str, int | None]]:
+    """``(gguf name, hf name, rope heads or None)`` for each HF tensor that goes into the GGUF file; rope heads
+    set means the rows are interleaved (:func:`interleave_rope_rows`)."""
     tied = bool(config.get("tie_word_embeddings", False))
-    plan = []
-    source = ModelSource(model_dir)  # header-checked, one tensor read at a time
-    for hf_name in source.keys():
+    out = []
+    for hf_name in hf_names:
         if SKIPPED_TENSORS.match(hf_name) or (tied and hf_name == "lm_head.weight"):
             continue
         module, _, kind = hf_name.rpartition(".")
         base = gguf_base_name(arch, module) if kind in ("weight", "bias") else None
         if base is None:
             raise UserInputError(f"cannot map tensor {hf_name!r} to GGUF arch {arch!r}: export a plain HF checkpoint")
-        name, shape = f"{base}.{kind}", source.shape(hf_name)
-        heads = _rope_heads(arch, config, name)
-        load = _loader(source, hf_name, heads)
-        plan.append(_Planned(name, shape, _storage_type(shape, wanted), load))
+        name = f"{base}.{kind}"
+        out.append((name, hf_name, _rope_heads(arch, config, name)))
+    return out
+
+
+def _plan(model_dir: Path, config: dict[str, Any], arch: str, wanted: QType) -> list[_Planned]:
+    source = ModelSource(model_dir)  # header-checked, one tensor read at a time
+    plan = [_Planned(name, source.shape(hf_name), _storage_type(source.shape(hf_name), wanted),
+                     _loader(source, hf_name, heads))
+            for name, hf_name, heads in tensor_names(source.keys(), config, arch)]
     return sorted(plan + _extra_tensors(config), key=lambda p: _tensor_order(p.name))
+
+
+def compare_tensors(gguf_path: Path, model_dir: Path, state: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
+    """``{gguf name: (max |file - expected| / max |expected|, max |file - expected|)}`` for every tensor of a merged GGUF file, expected
+    from ``state`` (the merged model's HF tensors, same names as ``model_dir``'s), laid out as the writer lays
+    them (rope rows interleaved), the file's tensors dequantized."""
+    from gguf.quants import dequantize
+
+    config = _read_json(Path(model_dir) / "config.json")
+    arch = _gguf_arch(config)
+    stored = {t.name: t for t in GGUFReader(str(gguf_path)).tensors}
+    errors = {}
+    for name, hf_name, heads in tensor_names(list(state), config, arch):
+        if name not in stored:
+            raise UserInputError(f"{gguf_path} has no tensor {name}: not a merge of this model")
+        ref = state[hf_name].detach().to(torch.float32).numpy()
+        ref = ref if heads is None else interleave_rope_rows(ref, heads)
+        t = stored[name]
+        got = dequantize(t.data, t.tensor_type).reshape(ref.shape).astype(np.float64)
+        diff = float(np.abs(got - ref).max()) if ref.size else 0.0
+        errors[name] = (diff / max(float(np.abs(ref).max()), 1e-30) if ref.size else 0.0, diff)
+    return errors
 
 
 def _loader(source: ModelSource, hf_name: str, rope_heads: int | None) -> Callable[[], np.ndarray]:

@@ -238,6 +238,10 @@ def loading_kwargs(model_dir: str | Path, allow_pickle: bool = False) -> dict:
     model_dir = Path(model_dir)
     if allow_pickle and not any((model_dir / f).is_file() for f in (SINGLE, INDEX)):
         load_config(model_dir)
+        if not any((model_dir / f).is_file() for f in PICKLED[:2]):  # what transformers' loader looks for
+            found = ", ".join(p.name for p in sorted(model_dir.glob("*.pt")) + sorted(model_dir.glob("*.bin"))) or "none"
+            raise UserInputError(f"{model_dir} has no pytorch_model.bin (or its index) for transformers to load "
+                                 f"(found: {found}): save the weights as model.safetensors or pytorch_model.bin")
         return {"use_safetensors": False, "trust_remote_code": False}
     check_config_sizes(model_dir, ModelSource(model_dir))
     return {"use_safetensors": True, "trust_remote_code": False}

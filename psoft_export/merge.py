@@ -117,17 +117,19 @@ def _merged(to: str, model, model_dir: Path, tmp: Path, dtype: str, quant: Optio
     if to == "safetensors":
         _merged_hf(model, model_dir, tmp, dtype)
         return sorted(p.name for p in tmp.iterdir())
-    with tempfile.TemporaryDirectory(prefix=".psoft-merged-", dir=tmp.parent) as scratch:
+    # The scratch HF directory lives inside the temporary output, so an interrupt at any moment (even while the
+    # scratch is being created or removed) leaves nothing behind: the temporary output is removed whole.
+    with tempfile.TemporaryDirectory(prefix=".psoft-merged-", dir=tmp) as scratch:
         _merged_hf(model, model_dir, Path(scratch), "float32")
         if to == "onnx":
             from converters import onnx as conv
 
             conv.export_merged(Path(scratch), tmp)
-            return sorted(p.name for p in tmp.iterdir())
-        from converters import gguf as conv
+        else:
+            from converters import gguf as conv
 
-        conv.export_model(Path(scratch), tmp / "model.gguf", quant or dtype)
-        return ["model.gguf"]
+            conv.export_model(Path(scratch), tmp / "model.gguf", quant or dtype)
+    return sorted(p.name for p in tmp.iterdir())
 
 
 def _split(to: str, model, model_dir: Path, adapter_dir: Path, tmp: Path, dtype: str, quant: Optional[str],

@@ -132,6 +132,9 @@ def prepare(model_dir: str | Path, data: str | Path, cfg: TrainConfig, decomposi
 
     model_dir = Path(model_dir)
     safe = loading_kwargs(model_dir, allow_pickle)  # validates the weights before any work
+    if cfg.method == "psoft" and not safe["use_safetensors"]:
+        raise UserInputError(f"{model_dir} holds pickled weights only: PSOFT's decomposition reads and hashes "
+                             "safetensors; convert the weights to model.safetensors, or train --method oft")
     kind, records = data_mod.read_jsonl(data)
     eval_records = data_mod.read_jsonl(eval_data) if eval_data else None
     if eval_records and eval_records[0] != kind:

@@ -238,35 +238,51 @@ def verify_export(export_dir: Path, info: dict, model_dir: Path, reference: nn.M
     for label, array in got.items():  # a copied adapter/ is exact; LoRA files hold the approximation when asked
         ref = exact if label == "[adapter/]" else approx
         report.add(name + label, _masked(array, mask, kind), _masked(ref, mask, kind))
-    if info["to"] == "safetensors" and not info["split"]:
-        compare_weights(report, Path(export_dir), reference)
+    if not info["split"] and info["to"] in WEIGHT_CHECKS:
+        compare_weights(report, Path(export_dir), info["to"], reference, model_dir)
     return report
 
 
-def compare_weights(report: Report, export_dir: Path, reference: nn.Module) -> None:
-    """Every tensor of a merged safetensors export against the reference's merged weights, one at a time: a few
-    fixed sentences cannot see a damaged embedding row they never use; this comparison is exhaustive and cheap.
-    Recorded as output ``weights``: the worst per-tensor ``max |diff| / max |ref|``."""
+def _safetensors_weights(export_dir: Path, expected: dict, model_dir: Path) -> dict[str, tuple[float, float]]:
+    from psoft_export.checkpoint import ModelSource
+
+    source = ModelSource(export_dir)
+    errors = {}
+    for key in source.keys():
+        if key not in expected:
+            raise VerificationError(f"the export holds {key}, which the model does not have")
+        got, ref = source.tensor(key).double(), expected[key].detach().double()
+        if tuple(got.shape) != tuple(ref.shape):
+            raise VerificationError(f"{key} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
+        diff = float((got - ref).abs().max()) if got.numel() else 0.0
+        errors[key] = (diff / max(float(ref.abs().max()), 1e-30) if got.numel() else 0.0, diff)
+    return errors
+
+
+def _gguf_weights(export_dir: Path, expected: dict, model_dir: Path) -> dict[str, tuple[float, float]]:
+    from converters import gguf as conv
+
+    return conv.compare_tensors(export_dir / "model.gguf", model_dir, expected)
+
+
+# Formats whose merged exports are compared tensor by tensor (ONNX: logits only; its initializers are renamed and
+# folded by the exporter).
+WEIGHT_CHECKS = {"safetensors": _safetensors_weights, "gguf": _gguf_weights}
+
+
+def compare_weights(report: Report, export_dir: Path, to: str, reference: nn.Module, model_dir: Path) -> None:
+    """Every tensor of a merged export against the reference's merged weights: a few fixed sentences cannot see a
+    damaged embedding row they never use; this comparison is exhaustive and cheap. Recorded as output
+    ``weights``: the worst per-tensor ``max |diff| / max |ref|`` (and which tensor)."""
     import copy
 
     from psoft_export.adapters import merge_and_unload
-    from psoft_export.checkpoint import ModelSource
 
     expected = merge_and_unload(copy.deepcopy(reference)).state_dict()
-    source = ModelSource(export_dir)
-    worst, worst_abs, worst_key = 0.0, 0.0, None
-    for key in source.keys():
-        if key not in expected:
-            raise VerificationError(f"{report.export}: the export holds {key}, which the model does not have")
-        got, ref = source.tensor(key).double(), expected[key].detach().double()
-        if tuple(got.shape) != tuple(ref.shape):
-            raise VerificationError(f"{report.export}: {key} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
-        diff = float((got - ref).abs().max()) if got.numel() else 0.0
-        rel = diff / max(float(ref.abs().max()), 1e-30) if got.numel() else 0.0
-        if rel >= worst:
-            worst, worst_abs, worst_key = rel, diff, key
-    report.outputs["weights"] = {"max_abs_err": worst_abs, "rel_err": worst, "worst": worst_key,
-                                 "tensors": len(source.keys())}
+    errors = WEIGHT_CHECKS[to](export_dir, expected, Path(model_dir))
+    worst = max(errors, key=lambda k: errors[k][0])
+    report.outputs["weights"] = {"max_abs_err": errors[worst][1], "rel_err": errors[worst][0], "worst": worst,
+                                 "tensors": len(errors)}
 
 
 def verify(export_dir: str | Path, model_dir: str | Path, adapter_dir: str | Path,

@@ -356,3 +356,26 @@ def test_verify_checks_every_weight_of_a_merged_export(adapters, tmp_path):
     report = verify(out, MODELS / model, adapter)
     assert report.outputs["logits"]["rel_err"] <= 1e-6, "the sentences do not see this row (else the test is vacuous)"
     assert not report.ok and report.outputs["weights"]["worst"] == "model.embed_tokens.weight"
+
+
+def test_verify_checks_every_tensor_of_a_merged_gguf(adapters, tmp_path):
+    """Issue 13.8 for GGUF: the file's tensors (dequantized, rope rows as written) against the merged reference."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    require("llama_cpp")
+    model, adapter, _ = adapters["llama-psoft"]
+    out = tmp_path / "gguf"
+    summary = merge(MODELS / model, adapter, out, "gguf")
+    weights = summary["verification"]["outputs"]["weights"]
+    assert weights["rel_err"] <= 1e-6 and weights["tensors"] >= 20, weights
+    reader = GGUFReader(str(out / "model.gguf"), "r+")  # memory-mapped read/write: damage one unused row
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    used = set(fixed_inputs(MODELS / model)["input_ids"].flatten().tolist())
+    row = next(i for i in range(embd.data.shape[0]) if i not in used)
+    embd.data[row] += np.float32(1.0)
+    reader.data.flush()
+    del reader, embd
+    report = verify(out, MODELS / model, adapter)
+    assert report.outputs["logits"]["rel_err"] <= 2e-3, "the sentences do not see this row (else vacuous)"
+    assert not report.ok and report.outputs["weights"]["worst"] == "token_embd.weight"

@@ -478,3 +478,17 @@ def test_absurd_config_sizes_are_refused_before_any_allocation(tmp_path, field, 
     start = time.perf_counter()
     assert_clean_failure(invoke(args), message, out)
     assert time.perf_counter() - start < 30, "refused at once, not after an allocation"
+
+
+def test_allow_pickle_edge_cases_are_one_line(tmp_path):
+    model = tmp_path / "pickled"
+    model.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(MODELS / "llama" / f, model / f)
+    torch.save(load_file(MODELS / "llama" / "model.safetensors"), model / "model.pt")
+    out = tmp_path / "adapter"
+    oft = ["train", model, "--data", DATA / "train.jsonl", "-o", out, "--allow-pickle", *OFT]
+    assert_clean_failure(invoke(oft), "has no pytorch_model.bin", out)
+    (model / "model.pt").rename(model / "pytorch_model.bin")
+    psoft = ["train", model, "--data", DATA / "train.jsonl", "-o", out, "--allow-pickle", *TRAIN]
+    assert_clean_failure(invoke(psoft), "PSOFT's decomposition reads and hashes safetensors", out)

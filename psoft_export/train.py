@@ -9,6 +9,7 @@ atomically, and a resumed run on CPU reproduces the uninterrupted run's losses b
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import os
@@ -225,7 +226,16 @@ def save_checkpoint(out_dir: Path, run: Run, optimizer, step: int, history: list
     folder = out_dir / CHECKPOINTS
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"step-{step:07d}.pt"
-    atomic_file(path, lambda tmp: torch.save(state, tmp))
+    buffer = io.BytesIO()  # serialized first (adapter-sized): torch.save's own writer hides ENOSPC's errno
+    torch.save(state, buffer)
+    try:
+        atomic_file(path, lambda tmp: tmp.write_bytes(buffer.getbuffer()))
+    except Exception as exc:
+        reason = storage_failure(exc)
+        if reason is None:
+            raise
+        raise UserInputError(f"cannot write checkpoint {path}: {reason}; earlier checkpoints are kept: free space "
+                             "and continue with --resume") from None
     for old in _checkpoint_paths(out_dir)[:-KEEP_CHECKPOINTS]:
         old.unlink(missing_ok=True)
     return path

@@ -492,3 +492,14 @@ def test_allow_pickle_edge_cases_are_one_line(tmp_path):
     (model / "model.pt").rename(model / "pytorch_model.bin")
     psoft = ["train", model, "--data", DATA / "train.jsonl", "-o", out, "--allow-pickle", *TRAIN]
     assert_clean_failure(invoke(psoft), "PSOFT's decomposition reads and hashes safetensors", out)
+
+
+def test_full_disk_during_training_is_a_clean_error(tiny_disk):
+    """Issue 13.6: checkpoints every step onto a 300 KiB disk: one line, exit 2, and what was written stays."""
+    full, _ = tiny_disk
+    out = full / "run"
+    result = invoke(["train", LLAMA, "--data", DATA / "train.jsonl", "-o", out, "--save-every", 1,
+                     "--method", "oft", "--block-size", 16, "--steps", 200, "--seq-len", 32, "--batch-size", 2])
+    assert result.exit_code == 2 and "No space left on device" in result.output, result.output
+    assert "Traceback" not in result.output
+    assert "--resume" in result.output.splitlines()[-1]

@@ -313,9 +313,9 @@ def test_verify_fails_just_above_its_tolerance(adapters, tmp_path, delta, ok):
     assert report.ok is ok, f"rel err {err:.1e} against tolerance {report.tolerance:.0e}: verify said ok={report.ok}"
 
 
-@pytest.mark.parametrize("to", ["onnx", "gguf"])
+@pytest.mark.parametrize("to,split", [("onnx", False), ("onnx", True), ("gguf", False), ("gguf", True)])
 @pytest.mark.parametrize("factor,ok", [(3.0, False), (1 / 3, True)])
-def test_each_runtime_route_fails_just_above_its_tolerance(adapters, tmp_path, to, factor, ok):
+def test_each_runtime_route_fails_just_above_its_tolerance(adapters, tmp_path, to, split, factor, ok):
     """The export stays as written; the reference moves: verify against a copy of the base whose final norm weight
     is scaled by (1 + delta), which scales every reference logit by exactly that. delta = 3x the route's bar must
     fail, delta = bar / 3 must pass."""
@@ -327,7 +327,7 @@ def test_each_runtime_route_fails_just_above_its_tolerance(adapters, tmp_path, t
         require("llama_cpp")
     model, adapter, _ = adapters["llama-psoft"]
     out = tmp_path / "export"
-    merge(MODELS / model, adapter, out, to)
+    merge(MODELS / model, adapter, out, to, split=split)  # both hold their own copy of the base weights
     delta = factor * ORACLE_TOL[to]
     shifted = tmp_path / "shifted-base"
     shutil.copytree(MODELS / model, shifted)

@@ -292,7 +292,19 @@ def main() -> None:
     import signal
 
     signal.signal(signal.SIGTERM, _terminate)  # train installs its own handler around the loop (checkpoint first)
-    cli(prog_name="psoft-export")
+    try:
+        code = cli.main(prog_name="psoft-export", standalone_mode=False)
+    except click.UsageError as exc:  # a bad option value, a missing argument: one line too, like our own errors
+        if type(exc).__name__ == "NoArgsIsHelpError" and exc.ctx is not None:  # bare `psoft-export`: the help
+            click.echo(exc.ctx.get_help())
+            sys.exit(2)
+        where = exc.ctx.command_path if exc.ctx is not None else "psoft-export"
+        _fail(f"{exc.format_message()} (see '{where} --help')", 2)
+    except click.Abort:
+        _fail("interrupted", 130)
+    except click.ClickException as exc:
+        _fail(exc.format_message(), exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

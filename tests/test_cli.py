@@ -63,3 +63,21 @@ def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = [l for l in result.stderr.splitlines() if l.startswith("train: step ")]
     assert [l.split()[2] for l in lines] == [f"{s}/40" for s in range(2, 41, 2)], result.stderr
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train", str(MODELS / "llama"), "--data", "x.jsonl", "-o", "out", "--seed", "1e23"], "'1e23' is not a valid integer"),
+    (["merge"], "Missing argument 'MODEL_DIR'"),
+    (["nosuch"], "No such command 'nosuch'"),
+])
+def test_argument_errors_are_one_line(args, message):
+    """click's own errors (bad values, missing arguments) follow the project's contract: one line, exit 2."""
+    result = run(*args)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_bare_command_prints_the_help():
+    result = run()
+    assert result.returncode == 2 and "Typical chain" in result.stdout

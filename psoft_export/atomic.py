@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
-from psoft_export.errors import UserInputError
+from psoft_export.errors import UserInputError, raise_pending
 
 
 MARKER = ".psoft-export"  # every output directory this tool writes holds it; --overwrite replaces only those
@@ -119,6 +119,7 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
         raise UserInputError(f"cannot write to {path.parent}: {exc.strerror or exc}") from None
     try:
         yield tmp
+        raise_pending()  # SIGINT/SIGTERM received while writing: never publish, even if its exception was lost
         _replace(tmp, path)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)

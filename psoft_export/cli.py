@@ -14,7 +14,7 @@ import click
 
 from psoft_export import __version__
 from psoft_export.defaults import DEFAULT_NITER, DEFAULT_OVERSAMPLE
-from psoft_export.errors import PsoftExportError
+from psoft_export.errors import PsoftExportError, Terminated, interrupt, raise_pending
 
 ALLOW_PICKLE = "Also read pickled .bin weights (with weights_only=True); by default only safetensors are read."
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -25,14 +25,6 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised like Ctrl-C so every ``finally`` (temporary outputs) runs before exit code 143."""
-
-
-def _terminate(signum, frame):
-    raise Terminated()
-
-
 def handle_errors(command):
     """Turn the package's errors into one line and an exit code; full tracebacks only with ``--debug``."""
 
@@ -40,7 +32,9 @@ def handle_errors(command):
     def wrapper(*args, **kwargs):
         debug = click.get_current_context().find_root().params.get("debug", False)
         try:
-            return command(*args, **kwargs)
+            result = command(*args, **kwargs)
+            raise_pending()  # a signal whose exception a finalizer swallowed still ends the run as interrupted
+            return result
         except PsoftExportError as exc:
             if debug:
                 traceback.print_exc()
@@ -288,10 +282,20 @@ def verify(export_dir, model_dir, adapter_dir, inputs, allow_pickle, as_json) ->
         sys.exit(1)
 
 
+def _quiet_interrupts(unraisable, _default=sys.unraisablehook) -> None:
+    """No "Exception ignored in ..." traceback for a signal that landed in a finalizer: it is recorded, and acted on."""
+    if not isinstance(unraisable.exc_value, (KeyboardInterrupt, Terminated)):
+        _default(unraisable)
+
+
 def main() -> None:
     import signal
 
-    signal.signal(signal.SIGTERM, _terminate)  # train installs its own handler around the loop (checkpoint first)
+    # Recorded as well as raised, so a signal that lands in a finalizer still stops the run before it publishes.
+    # train installs its own handlers around the loop (checkpoint first).
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+    sys.unraisablehook = _quiet_interrupts
     try:
         code = cli.main(prog_name="psoft-export", standalone_mode=False)
     except click.UsageError as exc:  # a bad option value, a missing argument: one line too, like our own errors

@@ -20,3 +20,29 @@ class VerificationError(PsoftExportError):
     """An exported artifact disagrees with the PyTorch model beyond tolerance (exit code 1)."""
 
     exit_code = 1
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like Ctrl-C so every ``finally`` (temporary outputs) runs before exit code 143."""
+
+
+# Signals received by :func:`interrupt`. A handler's exception is lost when the signal lands inside a ``__del__``
+# (Python prints "Exception ignored in ..." and carries on), so the signal is also recorded here and checked again
+# before anything is published (:func:`raise_pending`).
+_PENDING: list = []
+
+
+def interrupt(signum, frame=None):
+    """Signal handler for SIGINT/SIGTERM outside the training loop: record the signal, then raise."""
+    import signal
+
+    _PENDING.append(signum)
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+def raise_pending() -> None:
+    """Raise again a SIGINT/SIGTERM whose exception was swallowed (see :func:`interrupt`)."""
+    import signal
+
+    if _PENDING:
+        raise KeyboardInterrupt() if _PENDING[0] == signal.SIGINT else Terminated()

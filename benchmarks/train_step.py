@@ -22,6 +22,12 @@ model copy per variant, every linear layer of the decoder targeted (``all-linear
 * ``peft-oft-b32``: PEFT ``OFTConfig(oft_block_size=32, r=0)`` (its defaults: Cayley-Neumann, 5 terms).
 * ``wc-oft-b32``: ours OFT with a weight-centric forward ``y = x (W R^T)^T``, the rotated weight formed on every
   call (OFTv1 style), to show the input-centric gain.
+* ``loop-ours-psoft-r32`` / ``loop-ours-psoft-r128`` / ``loop-ours-oft-b32`` (issue #19): the same models trained by
+  the real ``psoft_export.train.train_loop`` with the CLI's defaults (AdamW, warmup + cosine schedule, clipping at
+  1.0, orthogonality every ``--log-every`` 10 steps, the divergence check, the CLI's collation of packed rows with
+  their attention mask and labels). A round runs 11 loop steps and counts the mean of the last 10 (one log step
+  among them), timed between iterations of the loop, so all per-step work of the loop is inside. Their bars:
+  against PEFT's bare step (0.9 / 1.0 / 1.0) and against our own bare step (the loop's overhead, 1.05).
 
 A step is forward + causal-LM loss (labels = inputs) + backward + ``AdamW.step()`` + ``zero_grad``. Timing runs in
 this one process, interleaved round-robin across variants (``--warmup`` untimed rounds, then ``--repeats`` timed
@@ -68,6 +74,9 @@ VARIANTS = (
     "ours-oft-b32",
     "peft-oft-b32",
     "wc-oft-b32",
+    "loop-ours-psoft-r32",
+    "loop-ours-psoft-r128",
+    "loop-ours-oft-b32",
 )
 # (name, numerator, denominator, bar): time ratios must be <= bar.
 TIME_BARS = (
@@ -75,6 +84,17 @@ TIME_BARS = (
     ("ours PSOFT r=128 / PEFT PSOFT r=128", "ours-psoft-r128", "peft-psoft-r128", 0.85),
     ("ours OFT b=32 / PEFT OFT b=32", "ours-oft-b32", "peft-oft-b32", 1.0),
 )
+# Issue #19: what the user runs (the real ``train_loop``, defaults and all) against PEFT's bare step, and the loop's
+# own overhead over our bare step.
+LOOP_BARS = (
+    ("loop: ours PSOFT r=32 / PEFT LoRA r=32 (bare)", "loop-ours-psoft-r32", "peft-lora-r32", 0.9),
+    ("loop: ours PSOFT r=128 / PEFT PSOFT r=128 (bare)", "loop-ours-psoft-r128", "peft-psoft-r128", 1.0),
+    ("loop: ours OFT b=32 / PEFT OFT b=32 (bare)", "loop-ours-oft-b32", "peft-oft-b32", 1.0),
+    ("loop overhead: loop PSOFT r=32 / bare PSOFT r=32", "loop-ours-psoft-r32", "ours-psoft-r32", 1.05),
+    ("loop overhead: loop PSOFT r=128 / bare PSOFT r=128", "loop-ours-psoft-r128", "ours-psoft-r128", 1.05),
+    ("loop overhead: loop OFT b=32 / bare OFT b=32", "loop-ours-oft-b32", "ours-oft-b32", 1.05),
+)
+LOOP_BLOCK = 10  # steps timed per round of a loop variant: one --log-every period at the default of 10
 MEMORY_BAR = ("ours PSOFT r=32 peak / PEFT LoRA r=32 peak", "ours-psoft-r32", "peft-lora-r32", 1.0)
 MB = 2**20
 
@@ -104,7 +124,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: measure one variant's memory
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    bad = [v for v in args.variants if v.split(":")[0] not in VARIANTS or not _path_ok(v)]
+    bad = [v for v in args.variants if v.split(":")[0] not in VARIANTS or not _path_ok(v.removeprefix("loop-"))]
     if bad:
         p.error(f"unknown variant(s) {', '.join(bad)}; choose from {', '.join(VARIANTS)}")
     return args
@@ -157,6 +177,7 @@ def _make_requires_grad(_module, _inputs, output):
 
 def make_variant(name: str, base: torch.nn.Module, copy_base: bool = True):
     """``(model, trainable parameters)`` for a variant, on a deep copy of ``base``."""
+    name = name.removeprefix("loop-")  # the loop variants train the same model, through train_loop
     model = copy.deepcopy(base) if copy_base else base
     model.requires_grad_(False)
     if name == "frozen":
@@ -241,6 +262,58 @@ class Runner:
         return sum(seen.values())
 
 
+class _BlockDone(Exception):
+    """Ends a block of loop steps (raised from the progress iterator, so no final checkpoint is written)."""
+
+
+class LoopRunner(Runner):
+    """The real training loop (``psoft_export.train.train_loop`` with its defaults: clipping, schedule, logging at
+    ``--log-every`` 10, orthogonality on log steps, divergence check) on packed rows of random tokens, fed through
+    the CLI's own collation (attention mask and labels). One ``step()`` runs :data:`LOOP_BLOCK` + 1 loop steps and
+    returns the mean wall time of the last :data:`LOOP_BLOCK` (the first builds AdamW's state), measured between
+    consecutive iterations of the loop, so everything the loop does per step is inside."""
+
+    def __init__(self, name: str, model, params, args, input_ids) -> None:
+        import tempfile
+        from types import SimpleNamespace
+
+        from psoft_export import data as data_mod
+        from psoft_export.train import Run
+        from psoft_export.train_config import TrainConfig
+
+        super().__init__(name, model, params, args, input_ids)
+        self.opt = None
+        cfg = TrainConfig(method="oft" if "-oft-" in name else "psoft", batch_size=args.batch, seq_len=args.seq,
+                          steps=10**6, lr=1e-4, seed=args.seed)
+        g = torch.Generator().manual_seed(args.seed + 2)
+        rows = [torch.randint(0, args.vocab, (args.seq,), generator=g) for _ in range(8 * args.batch)]
+        train_set = data_mod.Dataset("causal", [{"input_ids": r, "labels": r} for r in rows])
+        self.run = Run(cfg=cfg, model=model, tokenizer=SimpleNamespace(pad_token_id=0), train_set=train_set,
+                       eval_set=None, device=args.device, dtype=torch.bfloat16 if args.dtype == "bf16" else None,
+                       heads=[], total_steps=10**6, decomposition=None)
+        self.out = Path(tempfile.mkdtemp(prefix="psoft-bench-loop-"))
+
+    def step(self) -> float:
+        from psoft_export.train import train_loop
+
+        stamps: list[float] = []
+
+        def progress(steps):
+            for step in steps:
+                if self.args.device == "cuda":
+                    torch.cuda.synchronize()
+                stamps.append(time.perf_counter())
+                if len(stamps) == LOOP_BLOCK + 2:
+                    raise _BlockDone()
+                yield step
+
+        try:
+            train_loop(self.run, self.out, progress=progress)
+        except _BlockDone:
+            pass
+        return (stamps[-1] - stamps[1]) / LOOP_BLOCK
+
+
 def make_inputs(args) -> torch.Tensor:
     g = torch.Generator().manual_seed(args.seed + 1)
     return torch.randint(0, args.vocab, (args.batch, args.seq), generator=g).to(args.device)
@@ -296,6 +369,8 @@ def measure_memory(args, argv: list[str]) -> dict[str, float]:
     out: dict[str, float] = {}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
     for v in args.variants:
+        if v.startswith("loop-"):  # the same model and adapter as its bare variant
+            continue
         cmd = [sys.executable, str(Path(__file__).resolve()), *_strip(argv), "--child", v]
         res = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if res.returncode != 0:
@@ -368,7 +443,7 @@ def flop_model(args) -> dict[str, float]:
              "wc-oft-b32": L * sum(4 * o * i * 32 + 2 * T * o * i for o, i in shapes)}
     out = {}
     for v in args.variants:
-        name, _, path = v.partition(":")
+        name, _, path = v.removeprefix("loop-").partition(":")
         if name.startswith("ours-psoft-r"):
             out[v] = frozen + psoft(int(name.rsplit("r", 1)[1]), path or "auto")
         else:
@@ -392,7 +467,7 @@ def main(argv: list[str]) -> int:
     runners = []
     for v in args.variants:
         model, params = make_variant(v, base)
-        runners.append(Runner(v, model, params, args, input_ids))
+        runners.append((LoopRunner if v.startswith("loop-") else Runner)(v, model, params, args, input_ids))
     del base
     gc.collect()
 
@@ -404,7 +479,7 @@ def main(argv: list[str]) -> int:
         for r in runners:
             times[r.name].append(r.step())
     med = {k: statistics.median(v) for k, v in times.items()}
-    saved = {r.name: r.saved_bytes() / MB for r in runners}
+    saved = {r.name: r.saved_bytes() / MB for r in runners if not isinstance(r, LoopRunner)}
     prof_table = None
     if args.profile:
         target = next((r for r in runners if r.name == "ours-psoft-r128"), None)
@@ -416,7 +491,7 @@ def main(argv: list[str]) -> int:
 
     floor = med.get("frozen")
     bars = []
-    for label, num, den, bar in TIME_BARS:
+    for label, num, den, bar in TIME_BARS + LOOP_BARS:
         if num in med and den in med:
             ratio = med[num] / med[den]
             bars.append({"bar": f"{label} <= {bar}", "ratio": ratio, "pass": ratio <= bar})
@@ -465,7 +540,7 @@ def main(argv: list[str]) -> int:
         pk = f"{memory[v]:.0f}" if v in memory else "-"
         ff = flops[v] / flops["frozen"] if "frozen" in flops else float("nan")
         print(f"{v:<26}{med[v]:>10.3f}{min(ts):>9.3f}{max(ts):>9.3f}{xf:>10}{flops[v] / 1e9:>8.1f}{ff:>10.2f}"
-              f"{pk:>10}{saved[v]:>10.0f}")
+              f"{pk:>10}{saved[v] if v in saved else float('nan'):>10.0f}")
     print()
     for b in bars:
         print(f"{'PASS' if b['pass'] else 'FAIL'}  {b['bar']}: {b['ratio']:.3f}")

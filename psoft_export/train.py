@@ -303,6 +303,14 @@ def _to(batch: dict, device: str) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
+def _inputs(batch: dict) -> dict:
+    """The model's inputs: without the attention mask when it masks nothing (packed blocks), which is what the
+    model assumes anyway and lets attention take its plain causal path."""
+    if bool(batch["attention_mask"].all()):
+        return {k: v for k, v in batch.items() if k != "attention_mask"}
+    return batch
+
+
 @torch.no_grad()
 def evaluate(run: Run, data: data_mod.Dataset) -> float:
     """Mean loss over ``data`` (token-weighted for language modelling, row-weighted for classification)."""
@@ -379,25 +387,27 @@ def train_loop(run: Run, out_dir: Path, resume: bool = False, progress: Optional
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, run.total_steps, cfg.peak_lr, cfg.warmup)
-            loss_sum, tokens = 0.0, 0
+            losses, tokens = [], 0
             for _ in range(cfg.grad_accum):
-                batch = _to(next(batches), run.device)
+                batch = next(batches)
+                tokens += int(batch["attention_mask"].sum())  # on the host, before the copy: no device sync
                 with _autocast(run):
-                    loss = model(**batch).loss
-                if not torch.isfinite(loss):
-                    raise TrainingDiverged(_diverged(loss.item(), step, last_good, out_dir))
-                loss = loss / cfg.grad_accum
+                    loss = model(**_to(_inputs(batch), run.device)).loss / cfg.grad_accum
                 (scaler.scale(loss) if scaler else loss).backward()
-                loss_sum += float(loss.detach())
-                tokens += int(batch["attention_mask"].sum())
+                losses.append(loss.detach())
             if scaler:
                 scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            # One host sync per step (not three per micro-batch): the loss and the norm together. A non-finite loss
+            # stops the run here, before the optimizer step, so the parameters stay those of the last good step.
+            loss_sum, grad_norm = torch.stack([torch.stack(losses).sum().float(), norm.float()]).tolist()
+            if not math.isfinite(loss_sum):
+                raise TrainingDiverged(_diverged(loss_sum, step, last_good, out_dir))
             (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - t0
             record = {"step": step + 1, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"],
-                      "grad_norm": float(norm), "tokens_per_s": tokens / seconds, "seconds": seconds}
+                      "grad_norm": grad_norm, "tokens_per_s": tokens / seconds, "seconds": seconds}
             done = step + 1 == run.total_steps
             if run.eval_set is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
                 record["eval_loss"] = evaluate(run, run.eval_set)

@@ -49,7 +49,8 @@ class TrainConfig:
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0: off)."})
     save_every: int = field(default=0, metadata={"help": "Checkpoint every N steps (0: only at the end)."})
     eval_every: int = field(default=0, metadata={"help": "Eval loss every N steps (0: only at the end)."})
-    log_every: int = field(default=1, metadata={"help": "Log line every N steps."})
+    log_every: int = field(default=10, metadata={
+        "help": "Measure the rotations' orthogonality error every N steps (every step's loss is logged anyway)."})
     seed: int = field(default=0, metadata={"help": "Seed of data order, dropout and heads."})
 
     def __post_init__(self) -> None:
@@ -66,7 +67,11 @@ class TrainConfig:
             (self.seq_len >= 2, f"--seq-len must be >= 2, got {self.seq_len}"),
             (self.svd in SVD_CHOICES, f"--svd must be one of {', '.join(SVD_CHOICES)}, got {self.svd!r}"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"), f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}"),
-            (0 <= self.warmup < 1, f"warmup must be a fraction in [0, 1), got {self.warmup}"),
+            (0 <= self.warmup < 1, f"--warmup must be a fraction in [0, 1), got {self.warmup}"),
+            (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0,
+             f"--max-grad-norm must be >= 0 (0: no clipping), got {self.max_grad_norm}"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+             f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (self.save_every >= 0 and self.eval_every >= 0, "--save-every and --eval-every must be >= 0"),
             (self.log_every > 0, f"--log-every must be > 0, got {self.log_every}"),
             (_is_int(self.seed) and 0 <= self.seed < 2**63, f"--seed must be an integer in [0, 2^63), got {self.seed}"),

@@ -208,3 +208,63 @@ def test_psoft_dropout_is_active_in_training_only(tmp_path, recorded):
     with torch.no_grad():
         no_drop.q.copy_(layer.q)
     assert torch.allclose(layer(x), no_drop(x), rtol=0, atol=1e-6), "eval ignores dropout"
+
+
+# ------------------------------------------------------------------------------------------ per-step cost (issue 19)
+
+
+def test_mask_dropped_only_when_it_masks_nothing():
+    """Packed blocks (all-ones mask) go to the model without the mask, padded batches keep it, and the loss is the
+    same either way. Bug caught: dropping a mask that pads (the loss would then count padding)."""
+    from transformers import AutoModelForCausalLM
+
+    from psoft_export.train import _inputs
+
+    model = AutoModelForCausalLM.from_pretrained(MODELS / "llama").eval()
+    g = torch.Generator().manual_seed(0)
+    full = [torch.randint(3, 100, (16,), generator=g) for _ in range(2)]
+    packed = data_mod.collate([{"input_ids": r, "labels": r} for r in full], pad_id=0)
+    assert "attention_mask" not in _inputs(packed)
+    with torch.no_grad():
+        a, b = model(**packed).loss, model(**_inputs(packed)).loss
+    assert float(abs(a - b)) <= 1e-6 * float(abs(a)), (float(a), float(b))
+    short = full[1][:9]
+    padded = data_mod.collate([{"input_ids": full[0], "labels": full[0]}, {"input_ids": short, "labels": short}], 0)
+    assert torch.equal(_inputs(padded)["attention_mask"], padded["attention_mask"])
+
+
+def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, monkeypatch, recorded):
+    """The divergence check runs once per step (one host sync with the grad norm), before ``optimizer.step``: the
+    parameters stay those of the last good step. Bug caught: checking after the step (NaN parameters)."""
+    from transformers import LlamaForCausalLM
+
+    from psoft_export.train import TrainingDiverged
+
+    calls = {"n": 0}
+    forward = LlamaForCausalLM.forward
+
+    def poisoned(self, *args, **kwargs):
+        out = forward(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the third micro-batch: step 2 with --grad-accum 2
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(LlamaForCausalLM, "forward", poisoned)
+    seen = []
+
+    def keep(record):
+        seen.append(record)
+
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 2"):
+        train(MODELS / "llama", DATA / "train.jsonl", tmp_path / "out",
+              TrainConfig(**{**FAST, "steps": 4, "grad_accum": 2}), on_log=keep)
+    assert len(seen) == 1 and math.isfinite(seen[0]["loss"])
+    assert len(recorded) == 1, "the optimizer stepped on the non-finite step"
+
+
+def test_orthogonality_only_on_log_steps(tmp_path):
+    """``--log-every`` (default 10) is when the rotations' orthogonality is measured; the last step always."""
+    assert TrainConfig().log_every == 10
+    _, history = _train(tmp_path, "a", steps=7, log_every=3)
+    assert [h["step"] for h in history if "orthogonality_error" in h] == [3, 6, 7]

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -185,22 +186,30 @@ def peft_tensors(layers: dict[str, nn.Module]) -> tuple[Optional[dict[str, torch
 
     PSOFT is aligned to the basis PEFT's SVD will produce and checked by recomputing PEFT's function; when any
     layer misses :data:`PEFT_FAITHFUL_RTOL` the tensors are ``None``. OFT is exact (its exact mode negated).
+
+    Cost: one float32 SVD of each PSOFT target's base weight, on the weight's device (what PEFT itself pays at every
+    load of the file). The first layer PEFT cannot reproduce ends the check: the PEFT form is all or nothing, so the
+    remaining SVDs would be wasted. ``report["seconds"]`` and ``report["svds"]`` say what it cost.
     """
-    out, worst, worst_reason, worst_name = {}, 0.0, "", None
+    out, worst, worst_reason, worst_name, svds, t0 = {}, 0.0, "", None, 0, time.perf_counter()
     for name, layer in layers.items():
         if isinstance(layer, PsoftLinear):
             tensors, err, reason = peft_psoft_form(layer, name)
-            if err > worst or worst_name is None:
+            svds += 1
+            unfaithful = not err <= PEFT_FAITHFUL_RTOL  # NaN included
+            if unfaithful or err > worst or worst_name is None:
                 worst, worst_reason, worst_name = err, reason, name
-            if tensors is not None:
-                for attr, t in tensors.items():
-                    out[f"{PREFIX}{name}.psoft_R.{attr}"] = t
+            if unfaithful:
+                break
+            for attr, t in tensors.items():
+                out[f"{PREFIX}{name}.psoft_R.{attr}"] = t
         else:
             sign = -1.0 if layer.config.cayley == "exact" else 1.0  # PEFT's exact OFT is cayley(-Q)
             out[f"{PREFIX}{name}.oft_R.weight"] = sign * layer.q.detach()
     faithful = worst <= PEFT_FAITHFUL_RTOL
     report = {"faithful": faithful, "rel_err": worst if math.isfinite(worst) else None, "worst": worst_name,
-              "tolerance": PEFT_FAITHFUL_RTOL, "reason": None if faithful else worst_reason}
+              "tolerance": PEFT_FAITHFUL_RTOL, "reason": None if faithful else worst_reason, "svds": svds,
+              "seconds": round(time.perf_counter() - t0, 3)}
     return (out if faithful else None), report
 
 
@@ -345,12 +354,24 @@ def _check_peft_file(adapter_dir: Path, meta: dict) -> None:
                              f"{META_FILE}): PEFT would load another adapter; re-save it (train --resume) or remove it")
 
 
-def load_adapter(model: nn.Module, adapter_dir: Path, model_dir: Optional[Path] = None) -> dict[str, nn.Module]:
-    """Inject the adapter stored in ``adapter_dir`` (ours or PEFT's) into ``model`` and return its layers.
+class StoredAdapter(NamedTuple):
+    """An adapter directory as read, before any layer exists: its config, target module names, tensors (ours or
+    PEFT's), the stored PSOFT subspace per target (``None``: recomputed from each weight, as PEFT does) and the
+    saved whole modules (``heads``, with their tensors under PEFT keys)."""
 
-    Our directories load our tensors and the stored subspace (checked against ``model_dir``'s weights when
-    given); PEFT's directories are read as PEFT reads them.
-    """
+    path: Path
+    config: MethodConfig
+    targets: list[str]
+    tensors: dict[str, torch.Tensor]
+    ours: bool
+    factors: Optional[dict[str, tuple[torch.Tensor, torch.Tensor]]]
+    heads: list[str]
+    head_tensors: dict[str, torch.Tensor]
+
+
+def read_adapter(adapter_dir: Path, model: nn.Module, model_dir: Optional[Path] = None) -> StoredAdapter:
+    """Read and check ``adapter_dir`` against ``model`` (only its module names are used: a meta-device skeleton
+    will do) and, when given, ``model_dir``'s weights (one tensor at a time)."""
     from psoft_export.decompose import Decomposition
 
     adapter_dir = Path(adapter_dir)
@@ -376,15 +397,37 @@ def load_adapter(model: nn.Module, adapter_dir: Path, model_dir: Optional[Path] 
         if model_dir is not None:
             decomposition.check_source(model_dir)
         factors = decomposition.factors_for(model)
-    layers = inject(model, cfg, targets, factors)
-    if meta is not None:
-        _load_ours(layers, tensors, adapter_dir)
-    else:
-        _load_peft(layers, tensors, adapter_dir)
     heads = peft.get("modules_to_save") or []
-    if heads:
-        _load_heads(model, _head_source(adapter_dir, tensors if meta is not None else None), heads, adapter_dir)
+    head_tensors = _head_source(adapter_dir, tensors if meta is not None else None) if heads else {}
+    return StoredAdapter(adapter_dir, cfg, targets, tensors, meta is not None, factors, heads, head_tensors)
+
+
+def load_adapter(model: nn.Module, adapter_dir: Path, model_dir: Optional[Path] = None) -> dict[str, nn.Module]:
+    """Inject the adapter stored in ``adapter_dir`` (ours or PEFT's) into ``model`` and return its layers.
+
+    Our directories load our tensors and the stored subspace (checked against ``model_dir``'s weights when
+    given); PEFT's directories are read as PEFT reads them.
+    """
+    stored = read_adapter(adapter_dir, model, model_dir)
+    layers = inject(model, stored.config, stored.targets, stored.factors)
+    (_load_ours if stored.ours else _load_peft)(layers, stored.tensors, stored.path)
+    if stored.heads:
+        _load_heads(model, stored.head_tensors, stored.heads, stored.path)
     return layers
+
+
+def adapter_layer(stored: StoredAdapter, name: str, base: nn.Module) -> nn.Module:
+    """The trained adapter layer of module ``name`` around ``base``, parameters loaded: what :func:`load_adapter`
+    injects there, built alone (a streamed export folds one weight at a time with it)."""
+    if isinstance(stored.config, PsoftConfig):
+        if stored.factors is not None and name not in stored.factors:
+            raise UserInputError(f"the decomposition has no factors for {name}: re-run decompose with the same --targets")
+        factors = stored.factors[name] if stored.factors is not None else None
+        layer = PsoftLinear(base, stored.config, factors, name=name)
+    else:
+        layer = OftLinear(base, stored.config, name=name)
+    (_load_ours if stored.ours else _load_peft)({name: layer}, stored.tensors, stored.path)
+    return layer
 
 
 def _head_source(adapter_dir: Path, ours: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
@@ -459,16 +502,22 @@ def _load_peft(layers: dict[str, nn.Module], tensors: dict[str, torch.Tensor], a
                 _copy(getattr(layer, attr), tensors[f"{PREFIX}{name}.psoft_R.{attr}"], f"{name}.psoft_R.{attr}")
 
 
-def _load_heads(model: nn.Module, tensors: dict[str, torch.Tensor], heads: list[str], adapter_dir: Path) -> None:
-    modules = dict(model.named_modules())
+def head_state(model: nn.Module, tensors: dict[str, torch.Tensor], heads: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{module name in model: its saved state dict}`` of the saved whole modules ``heads`` (a head name matches a
+    module of that name or ending in ``.name``); modules with nothing saved are left out."""
+    out = {}
     for head in heads:
-        names = [n for n in modules if n == head or n.endswith(f".{head}")]
-        for name in names:
-            state = {k[len(PREFIX) + len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{PREFIX}{name}.")}
-            if not state:
-                continue
-            try:
-                modules[name].load_state_dict(state)
-            except RuntimeError as exc:
-                raise UserInputError(f"{adapter_dir}: saved head {name} does not fit this model ({str(exc).splitlines()[0]})") from None
+        for name, _ in model.named_modules():
+            if name == head or name.endswith(f".{head}"):
+                state = {k[len(PREFIX) + len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{PREFIX}{name}.")}
+                if state:
+                    out[name] = state
+    return out
 
+
+def _load_heads(model: nn.Module, tensors: dict[str, torch.Tensor], heads: list[str], adapter_dir: Path) -> None:
+    for name, state in head_state(model, tensors, heads).items():
+        try:
+            model.get_submodule(name).load_state_dict(state)
+        except RuntimeError as exc:
+            raise UserInputError(f"{adapter_dir}: saved head {name} does not fit this model ({str(exc).splitlines()[0]})") from None

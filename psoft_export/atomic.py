@@ -120,7 +120,7 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
     try:
         yield tmp
         raise_pending()  # SIGINT/SIGTERM received while writing: never publish, even if its exception was lost
-        _replace(tmp, path)
+        replace_dir(tmp, path)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = storage_failure(exc)
@@ -155,7 +155,7 @@ def atomic_file(path: Path, write: Callable[[Path], object]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _replace(tmp: Path, path: Path) -> None:
+def replace_dir(tmp: Path, path: Path) -> None:
     # mkdtemp makes 0700 and some writers 0600; an output directory is normally shared: honour the umask.
     umask = os.umask(0)
     os.umask(umask)

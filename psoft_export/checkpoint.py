@@ -18,7 +18,7 @@ SINGLE = "model.safetensors"
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
 
 
-def _st_dtype(name: str) -> torch.dtype | None:
+def st_dtype(name: str) -> torch.dtype | None:
     return {
         "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
         "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
@@ -85,6 +85,11 @@ class ModelSource:
     def file(self, key: str) -> str:
         return self._meta[key][0]
 
+    def span(self, key: str) -> tuple[Path, int, int]:
+        """``(path, offset, nbytes)`` of the tensor's raw little-endian bytes in its file."""
+        file, _, _, offset, nbytes = self._meta[key]
+        return self.dir / file, offset, nbytes
+
     def tensor(self, key: str, device: str = "cpu") -> torch.Tensor:
         """Load one tensor (and nothing else), read straight from the file into a fresh buffer.
 
@@ -93,7 +98,7 @@ class ModelSource:
         torch allocation is aligned like any model parameter, and reading into it costs no second copy.
         """
         file, shape, dtype_name, offset, nbytes = self._meta[key]
-        dtype = _st_dtype(dtype_name)
+        dtype = st_dtype(dtype_name)
         if dtype is None:
             raise UserInputError(f"{key} has dtype {dtype_name}, which psoft-export cannot load")
         out = torch.empty(shape, dtype=dtype)

@@ -220,16 +220,19 @@ def _print_report(report: dict) -> None:
 @click.option("--to", "fmt", required=True, help="Export format: safetensors, onnx or gguf.")
 @click.option("--split", is_flag=True, help="Write the base and the adapter separately (LoRA form for PSOFT).")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Output directory.")
-@click.option("--dtype", default="float32", show_default=True, help="float32, float16 or bfloat16 (per format).")
+@click.option("--dtype", default="source", show_default=True,
+              help="source, float32, float16 or bfloat16 (per format). source: merged safetensors keeps the source "
+                   "checkpoint's dtype (bf16 stays bf16); the other routes write float32.")
 @click.option("--quant", default=None, help="GGUF quantization of the 2-D weights: q8_0.")
 @click.option("--lora-rank", type=int, default=None, help="OFT to a LoRA-only target: rank of the truncated-SVD approximation.")
 @click.option("--no-verify", is_flag=True, help="Skip running the export in its runtime against PyTorch.")
+@click.option("--strict", is_flag=True, help="If verification fails, keep nothing (default: keep the export as OUT.unverified).")
 @click.option("--inputs", type=click.Path(), default=None, help="JSONL of {\"text\"} to verify on (default: fixed sentences).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @handle_errors
-def merge(model_dir, adapter_dir, fmt, split, out_dir, dtype, quant, lora_rank, no_verify, inputs, overwrite,
+def merge(model_dir, adapter_dir, fmt, split, out_dir, dtype, quant, lora_rank, no_verify, strict, inputs, overwrite,
           allow_pickle, as_json) -> None:
     """Fold the rotations into the weights and export (safetensors, ONNX, GGUF), verified against PyTorch.
 
@@ -237,7 +240,9 @@ def merge(model_dir, adapter_dir, fmt, split, out_dir, dtype, quant, lora_rank, 
     merged (default)  safetensors: HF model dir | onnx: optimum export with KV cache | gguf: model.gguf
     --split           safetensors: adapter/ + lora/ | onnx: model.onnx + adapter.onnx_adapter
                       | gguf: model.gguf + adapter.gguf (llama.cpp LoRA)
-    The export is written to a temporary directory and renamed only after verification passes.
+    The export is written to a temporary directory and renamed only after verification passes; one that fails is
+    kept as OUT.unverified (exit 1) unless --strict. Merged safetensors is streamed tensor by tensor (the model is
+    never built): peak memory about one tensor plus the adapter, before verification.
     """
     import json
 
@@ -246,12 +251,13 @@ def merge(model_dir, adapter_dir, fmt, split, out_dir, dtype, quant, lora_rank, 
 
     summary = run(model_dir, adapter_dir, out_dir, fmt, split=split, dtype=dtype, quant=quant, lora_rank=lora_rank,
                   verify=not no_verify, overwrite=overwrite, texts=read_inputs(inputs), allow_pickle=allow_pickle,
-                  on_stage=lambda name: click.echo(f"merge: {name} ...", err=True))
+                  strict=strict, on_stage=lambda name: click.echo(f"merge: {name} ...", err=True))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
     kind = "split" if split else "merged"
-    click.echo(f"exported {kind} {fmt} ({quant or dtype}) -> {summary['output']}: {', '.join(summary['files'])}")
+    dtype = quant or summary["dtype"] + (", the source's dtype" if summary["dtype_from"] == "source" else "")
+    click.echo(f"exported {kind} {fmt} ({dtype}) -> {summary['output']}: {', '.join(summary['files'])}")
     if summary["lora_approximation"]:
         click.echo(f"  rank-{lora_rank} LoRA approximation of OFT: max relative weight error "
                    f"{summary['lora_approximation']['max_rel_err']:.3e}")

@@ -14,11 +14,17 @@ gguf          ``model.gguf`` (f32, f16 or q8_0)                  ``model.gguf`` 
 
 OFT's update ``W (R^T - I)`` is full rank: a LoRA-only target (GGUF and the safetensors LoRA form) is refused
 unless ``--lora-rank K`` asks for a truncated-SVD approximation, whose error is reported. Every export is
-written to a temporary directory, verified in its runtime (unless ``--no-verify``) and only then renamed.
+written to a temporary directory, verified in its runtime (unless ``--no-verify``) and only then renamed; an
+export that fails verification is kept as ``OUT.unverified`` (``strict``: removed).
+
+Merged safetensors is streamed (``converters/safetensors.py``): the model is never built, each weight is read,
+folded by its adapter layer alone (:func:`psoft_export.adapters.fold_weight`) and written, in the source's dtype
+unless ``dtype`` says otherwise. Other routes build the model in float32 and default to float32.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -29,14 +35,17 @@ import torch
 from torch import nn
 
 from psoft_export import __version__, adapter_io
-from psoft_export.adapters import OftLinear, PsoftLinear, adapter_layers, merge_and_unload, unload
-from psoft_export.atomic import atomic_output_dir, check_output_dir
-from psoft_export.checkpoint import load_config, load_tokenizer
+from psoft_export.adapters import OftLinear, PsoftLinear, adapter_layers, fold_weight, merge_and_unload, select_targets, unload
+from psoft_export.adapters.layout import is_fan_in_fan_out
+from psoft_export.atomic import MARKER, atomic_output_dir, check_output_dir, mark
+from psoft_export.checkpoint import INDEX, SINGLE, load_config, load_tokenizer, loading_kwargs
 from psoft_export.errors import UserInputError, VerificationError
-from psoft_export.verify import EXPORT_FILE, EXPORT_FORMAT, model_kind, reference_model, verify_export
+from psoft_export.verify import EXPORT_FILE, EXPORT_FORMAT, base_skeleton, model_kind, reference_model, verify_export
 
 FORMATS = ("safetensors", "onnx", "gguf")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+SOURCE = "source"  # --dtype default: the source's dtype where the route keeps it (merged safetensors), else float32
+UNVERIFIED = ".unverified"  # suffix of the directory a failed verification leaves the export in
 QUANTS = ("q8_0",)
 GGUF_TYPES = ("llama", "mistral", "qwen2")
 ADAPTER_FILES = (adapter_io.CONFIG_FILE, adapter_io.WEIGHTS_FILE, adapter_io.META_FILE, adapter_io.OURS_FILE)
@@ -132,6 +141,79 @@ def _merged(to: str, model, model_dir: Path, tmp: Path, dtype: str, quant: Optio
     return sorted(p.name for p in tmp.iterdir())
 
 
+class _Stream:
+    """A streamed merged safetensors export, planned: the meta skeleton, the adapter as read, the fold per adapted
+    weight, the head tensors saved with the adapter, and the output files."""
+
+    def __init__(self, model_dir: Path, adapter_dir: Path, dtype: str, kind: str, classes: Optional[list]) -> None:
+        from converters import safetensors as conv
+
+        self.model_dir, self.dtype = model_dir, dtype
+        self.skeleton = base_skeleton(model_dir, kind, classes, adapter_dir)
+        self.adapter = adapter_io.read_adapter(adapter_dir, self.skeleton, model_dir)
+        self.extra = {}
+        for name, state in adapter_io.head_state(self.skeleton, self.adapter.head_tensors, self.adapter.heads).items():
+            try:  # the strict shape and key check load_state_dict makes in the in-memory route (meta: no copy)
+                self.skeleton.get_submodule(name).load_state_dict({k: v.to("meta") for k, v in state.items()})
+            except RuntimeError as exc:
+                raise UserInputError(f"{adapter_dir}: saved head {name} does not fit this model "
+                                     f"({str(exc).splitlines()[0]})") from None
+            self.extra.update({f"{name}.{p}": t for p, t in state.items()})
+        self.fold = {f"{name}.weight": functools.partial(self._fold, name, is_fan_in_fan_out(self.skeleton.get_submodule(name)))
+                     for name in select_targets(self.skeleton, self.adapter.targets)}  # what inject would adapt
+        self.files = conv.plan(model_dir, self.skeleton, dtype, self.extra)
+
+    def _fold(self, name: str, fan_in_fan_out: bool, weight: torch.Tensor) -> torch.Tensor:
+        return fold_weight(weight, fan_in_fan_out, lambda base: adapter_io.adapter_layer(self.adapter, name, base))
+
+    def write(self, out: Path) -> list[str]:
+        from converters import safetensors as conv
+
+        conv.export_merged(self.model_dir, out, self.skeleton, self.dtype, self.fold, self.extra, self.files)
+        load_tokenizer(self.model_dir).save_pretrained(out)
+        return sorted(p.name for p in out.iterdir())
+
+
+def _stream_plan(model_dir: Path, adapter_dir: Path, dtype: str, kind: str, classes: Optional[list],
+                 allow_pickle: bool) -> tuple[Optional[_Stream], Optional[str]]:
+    """The streamed export, or why this checkpoint takes the in-memory route (pickled weights; a tensor the model
+    class initializes because the files lack it)."""
+    from converters.safetensors import NotStreamable
+
+    if not any((model_dir / f).is_file() for f in (SINGLE, INDEX)):
+        return None, "no safetensors weights"
+    loading_kwargs(model_dir, allow_pickle)  # the checks from_pretrained's route makes first
+    try:
+        return _Stream(model_dir, adapter_dir, dtype, kind, classes), None
+    except NotStreamable as exc:
+        return None, str(exc)
+
+
+def resolve_dtype(model_dir: Path, to: str, split: bool, dtype: Optional[str]) -> tuple[str, str]:
+    """``(dtype, where it comes from)``: ``--dtype`` as given, else the source's for merged safetensors (bf16
+    stays bf16), else float32 (what ONNX and GGUF take, and what a split export's checks run in)."""
+    if dtype not in (None, SOURCE):
+        return dtype, "--dtype"
+    if to == "safetensors" and not split and any((model_dir / f).is_file() for f in (SINGLE, INDEX)):
+        from converters.safetensors import source_dtype
+
+        return source_dtype(model_dir), "source"
+    return "float32", "default"
+
+
+def _keep_unverified(tmp: Path, out_dir: Path) -> Optional[Path]:
+    """Move a failed export to ``OUT.unverified`` beside ``out_dir`` (replacing an earlier one of ours); ``None``
+    when something psoft-export did not write is in the way."""
+    from psoft_export.atomic import replace_dir
+
+    kept = Path(out_dir).absolute().with_name(Path(out_dir).name + UNVERIFIED)
+    if kept.exists() and not (kept.is_dir() and (kept / MARKER).is_file()):
+        return None
+    mark(tmp, "merge")
+    replace_dir(tmp, kept)
+    return kept
+
+
 def _split(to: str, model, model_dir: Path, adapter_dir: Path, tmp: Path, dtype: str, quant: Optional[str],
            lora_rank: Optional[int], kind: str) -> tuple[list[str], dict]:
     layers = adapter_layers(model)
@@ -203,7 +285,7 @@ def check_request(model_dir: Path, adapter_dir: Path, to: str, split: bool, dtyp
     if to not in FORMATS:
         raise UserInputError(f"unknown export format --to {to!r}: choose one of {', '.join(FORMATS)}")
     if dtype not in DTYPES:
-        raise UserInputError(f"unknown --dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        raise UserInputError(f"unknown --dtype {dtype!r}: choose one of {SOURCE}, {', '.join(DTYPES)}")
     if quant is not None and (to != "gguf" or quant not in QUANTS):
         raise UserInputError(f"--quant {quant} is for --to gguf and must be one of {', '.join(QUANTS)}")
     if to == "onnx" and dtype != "float32":
@@ -224,25 +306,45 @@ def check_request(model_dir: Path, adapter_dir: Path, to: str, split: bool, dtyp
 
 
 def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, to: str, *, split: bool = False,
-          dtype: str = "float32", quant: Optional[str] = None, lora_rank: Optional[int] = None, verify: bool = True,
-          overwrite: bool = False, texts: Optional[list[str]] = None, allow_pickle: bool = False,
+          dtype: Optional[str] = SOURCE, quant: Optional[str] = None, lora_rank: Optional[int] = None, verify: bool = True,
+          overwrite: bool = False, texts: Optional[list[str]] = None, allow_pickle: bool = False, strict: bool = False,
           on_stage: Optional[Callable[[str], None]] = None) -> dict:
     """Export ``model_dir`` with ``adapter_dir`` to ``out_dir`` as ``to``; verify; return the summary.
 
-    ``on_stage`` is told each stage as it starts (loading, exporting, verifying), for progress display.
+    ``dtype`` ``"source"`` (or ``None``) keeps the source's dtype for merged safetensors and means float32
+    elsewhere. An export that fails verification is kept as ``OUT.unverified`` (``strict``: nothing is kept); either
+    way :class:`VerificationError` is raised. ``on_stage`` is told each stage as it starts, for progress display.
     """
     stage = on_stage or (lambda name: None)
     model_dir, adapter_dir, out_dir = Path(model_dir), Path(adapter_dir), Path(out_dir)
+    if to in FORMATS:
+        dtype, dtype_from = resolve_dtype(model_dir, to, split, dtype)
+    else:
+        dtype_from = "--dtype"
     check_request(model_dir, adapter_dir, to, split, dtype, quant, lora_rank)
     check_output_dir(out_dir, overwrite, inputs=[model_dir, adapter_dir])
-    stage("loading the model and the adapter")
-    model, kind, classes = reference_model(model_dir, adapter_dir, allow_pickle)
-    info = {"format": EXPORT_FORMAT, "to": to, "split": split, "dtype": dtype, "quant": quant, "lora_rank": lora_rank,
-            "kind": kind, "classes": classes, "model": str(model_dir), "adapter": str(adapter_dir),
+    stream, why = None, None
+    if to == "safetensors" and not split:
+        stage("planning the streamed export (no model is built)")
+        stream, why = _stream_plan(model_dir, adapter_dir, dtype, *model_kind(model_dir, adapter_dir), allow_pickle)
+    model = None
+    if stream is None:
+        stage("loading the model and the adapter")
+        model, kind, classes = reference_model(model_dir, adapter_dir, allow_pickle)
+    else:
+        kind, classes = model_kind(model_dir, adapter_dir)
+    info = {"format": EXPORT_FORMAT, "to": to, "split": split, "dtype": dtype, "dtype_from": dtype_from, "quant": quant,
+            "lora_rank": lora_rank, "kind": kind, "classes": classes, "model": str(model_dir), "adapter": str(adapter_dir),
             "method": adapter_io.read_config(adapter_dir)["peft_type"].lower(), "psoft_export": __version__}
+    if to == "safetensors" and not split:
+        info["streamed"] = stream is not None
+        if why:
+            info["in_memory_because"] = why
     with atomic_output_dir(out_dir, overwrite, inputs=[model_dir, adapter_dir], command="merge") as tmp:
-        stage(f"writing the {'split' if split else 'merged'} {to} export")
-        if split:
+        stage(f"writing the {'split' if split else 'merged'} {to} export" + (" tensor by tensor" if stream else ""))
+        if stream is not None:
+            files, errors = stream.write(tmp), {}
+        elif split:
             files, errors = _split(to, model, model_dir, adapter_dir, tmp, dtype, quant, lora_rank, kind)
         else:
             files, errors = _merged(to, model, model_dir, tmp, dtype, quant), {}
@@ -251,13 +353,22 @@ def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, t
             info["lora_approximation"] = {"max_rel_err": max(errors.values()), "per_module": errors}
         (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if verify:
+            if model is None:
+                stage("loading the reference model (float32, with the adapter)")
+                model, _, _ = reference_model(model_dir, adapter_dir, allow_pickle)
             stage("verifying it in its runtime")
             compare_to = approximated_model(model, lora_rank) if lora_rank else None
             report = verify_export(tmp, info, model_dir, model, kind, texts, compare_to)
             info["verification"] = report.to_dict()
             (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
             if not report.ok:
-                raise VerificationError(f"{report.export} export disagrees with the PyTorch model: "
-                                        + "; ".join(report.lines()) + " — nothing was written")
-    return {"output": str(out_dir), **{k: info[k] for k in ("to", "split", "dtype", "quant", "files")},
-            "verification": info.get("verification"), "lora_approximation": info.get("lora_approximation")}
+                failed = f"{report.export} export disagrees with the PyTorch model: " + "; ".join(report.lines())
+                kept = None if strict else _keep_unverified(tmp, out_dir)
+                if kept is None:
+                    raise VerificationError(failed + " — nothing was written"
+                                            + ("" if strict else f" ({out_dir}{UNVERIFIED} is in the way)"))
+                raise VerificationError(failed + f" — the export is kept, unverified, in {kept} "
+                                        "(--strict keeps nothing)")
+    return {"output": str(out_dir), **{k: info[k] for k in ("to", "split", "dtype", "dtype_from", "quant", "files")},
+            "streamed": info.get("streamed"), "verification": info.get("verification"),
+            "lora_approximation": info.get("lora_approximation")}

@@ -94,13 +94,37 @@ def load_base(model_dir: Path, kind: str, classes: Optional[list], adapter_dir: 
     if kind == "classify":
         labels = len(classes) if classes else adapter_io.saved_labels(adapter_dir)
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=labels, dtype=torch.float32, **safe)
-        if classes:
-            model.config.id2label = {i: str(c) for i, c in enumerate(classes)}
-            model.config.label2id = {str(c): i for i, c in enumerate(classes)}
+        _name_classes(model, classes)
     elif kind == "encoder":
         model = AutoModel.from_pretrained(model_dir, dtype=torch.float32, **safe)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **safe)
+    return model.eval()
+
+
+def _name_classes(model: nn.Module, classes: Optional[list]) -> None:
+    if classes:
+        model.config.id2label = {i: str(c) for i, c in enumerate(classes)}
+        model.config.label2id = {str(c): i for i, c in enumerate(classes)}
+
+
+def base_skeleton(model_dir: Path, kind: str, classes: Optional[list], adapter_dir: Optional[Path] = None) -> nn.Module:
+    """:func:`load_base`'s model on the meta device: the same class, config and generation config, no weights
+    (module names, shapes and tied parameters for a streamed export)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import GenerationConfig
+
+    from psoft_export.checkpoint import load_config
+
+    load_config(model_dir)  # a damaged config.json is one line
+    extra = {"num_labels": len(classes) if classes else adapter_io.saved_labels(adapter_dir)} if kind == "classify" else {}
+    config = AutoConfig.from_pretrained(model_dir, **extra)
+    auto = {"classify": AutoModelForSequenceClassification, "encoder": AutoModel}.get(kind, AutoModelForCausalLM)
+    with torch.device("meta"):
+        model = auto.from_config(config, dtype=torch.float32)
+    _name_classes(model, classes if kind == "classify" else None)
+    if model.can_generate() and (Path(model_dir) / "generation_config.json").is_file():  # as from_pretrained does
+        model.generation_config = GenerationConfig.from_pretrained(model_dir)
     return model.eval()
 
 

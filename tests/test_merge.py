@@ -146,8 +146,9 @@ def test_oft_lora_rank_approximation_reports_its_error(adapters, tmp_path):
     assert summary["verification"]["ok"], "the rank-8 LoRA files must match the rank-8 approximation they hold"
 
 
-def test_verification_failure_leaves_nothing(adapters, tmp_path, monkeypatch):
-    """A wrong exporter (scaling dropped from the LoRA form) fails verification: exit 1, no output."""
+def test_verification_failure_keeps_the_export_unverified_unless_strict(adapters, tmp_path, monkeypatch):
+    """A wrong exporter (scaling dropped from the LoRA form) fails verification: exit 1, OUT itself never written;
+    the export is kept as OUT.unverified (its export.json says why), and with strict nothing is kept."""
     import psoft_export.merge as merge_mod
 
     model, adapter, _ = adapters["llama-psoft"]
@@ -158,10 +159,15 @@ def test_verification_failure_leaves_nothing(adapters, tmp_path, monkeypatch):
         return factors, alpha * 3.0, errors
 
     monkeypatch.setattr(merge_mod, "lora_form", broken)
-    with pytest.raises(VerificationError, match="gguf split"):
+    with pytest.raises(VerificationError, match="gguf split.*kept, unverified, in .*out.unverified"):
         merge(MODELS / model, adapter, tmp_path / "out", "gguf", split=True)
     assert not (tmp_path / "out").exists()
-    assert not list(tmp_path.iterdir()), "a temporary directory was left behind"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.unverified"], "a temporary directory was left behind"
+    kept = json.loads((tmp_path / "out.unverified" / "export.json").read_text())
+    assert kept["verification"]["ok"] is False and (tmp_path / "out.unverified" / "adapter.gguf").is_file()
+    with pytest.raises(VerificationError, match="gguf split.*nothing was written"):
+        merge(MODELS / model, adapter, tmp_path / "strict", "gguf", split=True, strict=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.unverified"], "--strict must keep nothing"
 
 
 @pytest.mark.parametrize("args,message", [

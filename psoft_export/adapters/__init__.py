@@ -6,6 +6,7 @@ from psoft_export.adapters.psoft import PsoftConfig, PsoftLinear
 from psoft_export.adapters.surgery import (
     adapter_layers,
     adapter_parameters,
+    fold_weight,
     inject,
     merge_and_unload,
     parse_targets,
@@ -20,6 +21,7 @@ __all__ = [
     "PsoftLinear",
     "adapter_layers",
     "adapter_parameters",
+    "fold_weight",
     "inject",
     "merge_and_unload",
     "parse_targets",

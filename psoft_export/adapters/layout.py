@@ -28,3 +28,14 @@ def features(module: nn.Module) -> tuple[int, int]:
     """``(out_features, in_features)``."""
     out_f, in_f = weight_out_in(module).shape
     return out_f, in_f
+
+
+def linear_around(weight: torch.Tensor, fan_in_fan_out: bool) -> nn.Module:
+    """A bias-free ``nn.Linear`` (``weight`` ``(out, in)``) or ``Conv1D`` (``weight`` ``(in, out)`` when
+    ``fan_in_fan_out``) holding ``weight`` itself, no copy: a base layer for an adapter layer without the model."""
+    out_f, in_f = weight.T.shape if fan_in_fan_out else weight.shape
+    with torch.device("meta"):  # the constructors allocate a weight of their own: nothing, on meta
+        module = Conv1D(out_f, in_f) if fan_in_fan_out else nn.Linear(in_f, out_f, bias=False)
+    module.weight = nn.Parameter(weight, requires_grad=False)
+    module.bias = None
+    return module

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Iterable, Optional, Union
+from typing import Callable, Iterable, Optional, Union
 
 import torch
 from torch import nn
 
-from psoft_export.adapters.layout import features, is_linear
+from psoft_export.adapters.layout import features, is_linear, linear_around
 from psoft_export.adapters.oft import OftConfig, OftLinear, fitting_block_sizes
 from psoft_export.adapters.psoft import PsoftConfig, PsoftLinear
 from psoft_export.errors import UserInputError
@@ -188,6 +188,22 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         parent, child = _parent(model, name)
         setattr(parent, child, layer.base_layer)
     return model
+
+
+@torch.no_grad()
+def fold_weight(weight: torch.Tensor, fan_in_fan_out: bool, make_layer: Callable[[nn.Module], nn.Module]) -> torch.Tensor:
+    """:func:`merge_and_unload` for one weight, without the model (streamed exports).
+
+    ``weight`` ``(out, in)`` (``(in, out)`` when ``fan_in_fan_out``, GPT-2's ``Conv1D``) becomes the base of the
+    adapter layer ``make_layer(base)`` builds (its parameters loaded); the layer's own ``merge`` folds the update
+    in place, so the result is bit for bit what merging a built model gives. Returns the merged weight, in
+    ``weight``'s layout and dtype (the tensor itself, modified).
+    """
+    layer = make_layer(linear_around(weight, fan_in_fan_out))
+    if not isinstance(layer, ADAPTER_TYPES):
+        raise TypeError(f"make_layer must return an adapter layer, not {type(layer).__name__}")
+    layer.merge()
+    return layer.base_layer.weight.detach()
 
 
 def unload(model: nn.Module) -> nn.Module:

@@ -372,7 +372,7 @@ class StoredAdapter(NamedTuple):
 def read_adapter(adapter_dir: Path, model: nn.Module, model_dir: Optional[Path] = None) -> StoredAdapter:
     """Read and check ``adapter_dir`` against ``model`` (only its module names are used: a meta-device skeleton
     will do) and, when given, ``model_dir``'s weights (one tensor at a time)."""
-    from psoft_export.decompose import Decomposition
+    from psoft_export.decomposition import Decomposition
 
     adapter_dir = Path(adapter_dir)
     peft = read_config(adapter_dir)

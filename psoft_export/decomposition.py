@@ -1,5 +1,7 @@
-"""``decompose``: the principal subspace of every target weight, computed once and stored.
+"""Decompositions: the principal subspace of every target weight, computed once, stored, and read back.
 
+The library side of ``psoft-export decompose`` (whose table and warnings live in :mod:`psoft_export.decompose`),
+used by ``train`` when it decomposes for itself and by every reader of stored factors (:class:`Decomposition`).
 Streams weights tensor by tensor from the safetensors files (the model is never built: a meta-device skeleton
 gives names and layer types), so peak memory is the largest target weight plus its factors.
 Output: ``decomposition.safetensors`` (``<module>.A``, ``<module>.B``, ``<module>.S``) and ``manifest.json``.
@@ -283,16 +285,6 @@ def ill_posed(records: dict[str, dict]) -> list[str]:
     return [n for n, r in records.items() if r.get("f32_angle") is not None and r["f32_angle"] > ILL_POSED_ANGLE]
 
 
-def ill_posed_warning(manifest: dict) -> str:
-    """One line naming how many targets are ill-posed at this rank and what follows."""
-    names = manifest["ill_posed"]
-    worst = max(names, key=lambda n: manifest["targets"][n]["f32_angle"])
-    t = manifest["targets"][worst]
-    return (f"warning: {len(names)} of {len(manifest['targets'])} targets have s_r/s_r+1 too close to 1 at rank "
-            f"{manifest['rank']} (worst {worst}: {t['gap']:.5f}): another SVD, PEFT's included, may return another "
-            f"subspace (up to {t['f32_angle']:.1e} rad); the stored factors are exact and every load here uses them")
-
-
 def squared_norm(W: torch.Tensor, chunk: int = 1 << 20) -> float:
     """``||W||_F^2`` accumulated in float64, a chunk at a time (no float64 copy of a big weight)."""
     flat = W.reshape(-1) if W.is_contiguous() else W.T.reshape(-1)
@@ -359,17 +351,3 @@ def _versions() -> dict[str, str]:
 
     return {"psoft_export": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "safetensors": safetensors.__version__, "python": platform.python_version()}
-
-
-def format_table(manifest: dict) -> str:
-    """The terminal table: one row per target kind."""
-    r = manifest["rank"]
-    rows = [("target kind", "count", "shape (out x in)", f"energy kept @ r={r}", "min", f"min gap s{r}/s{r + 1}")]
-    for kind, k in manifest["kinds"].items():
-        shapes = ", ".join(f"{o}x{i}" for o, i in k["shapes"])
-        gap = "-" if k.get("gap_min") is None else f"{k['gap_min']:.4f}"
-        rows.append((kind, str(k["count"]), shapes, f"{k['energy_mean']:.1%}", f"{k['energy_min']:.1%}", gap))
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)

@@ -125,7 +125,7 @@ def build_adapter(case: Case, out: Path) -> None:
 
     from psoft_export import adapter_io
     from psoft_export.adapters import adapter_layers
-    from psoft_export.decompose import MANIFEST_FILE, decompose
+    from psoft_export.decomposition import MANIFEST_FILE, decompose
     from psoft_export.train import TrainConfig, train
     from psoft_export.verify import reference_model
 

@@ -30,7 +30,7 @@ from psoft_export.atomic import atomic_file, check_output_dir, check_overlap, ma
 from psoft_export.checkpoint import (
     file_sha256, load_config, load_tokenizer, loading_kwargs, weights_identity,
 )
-from psoft_export.decompose import Decomposition, resolve_device
+from psoft_export.decomposition import Decomposition, resolve_device
 from psoft_export.errors import PsoftExportError, UserInputError
 from psoft_export.train_config import TrainConfig, lr_at
 
@@ -129,7 +129,7 @@ def prepare(model_dir: str | Path, data: str | Path, cfg: TrainConfig, decomposi
     PSOFT without ``decomposition`` decomposes the model into ``decompose_into`` (the same code as the
     ``decompose`` command) once the cheap checks have passed.
     """
-    from psoft_export.decompose import decompose
+    from psoft_export.decomposition import decompose
 
     model_dir = Path(model_dir)
     safe = loading_kwargs(model_dir, allow_pickle)  # validates the weights before any work

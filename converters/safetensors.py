@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from psoft_export.checkpoint import (
+    unmap_freed_tensors,
     INDEX,
     SINGLE,
     ModelSource,
@@ -209,19 +210,6 @@ def write_config(model: nn.Module, out_dir: Path, dtype: str) -> None:
     (Path(out_dir) / SINGLE).unlink(missing_ok=True)
 
 
-def _unmap_freed_tensors() -> None:
-    """Have glibc serve every block of 1 MiB or more by ``mmap`` and unmap it on free. By default glibc raises its
-    mmap threshold to the largest block freed so far (up to 32 MiB), after which tensor-sized blocks come from the
-    heap and stay resident when freed: measured +77 MiB retained while streaming 9 MiB tensors, twice the working
-    set. Process-wide and harmless; a no-op where there is no ``mallopt`` (not glibc)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixing it also stops the dynamic raise)
-    except (OSError, AttributeError):
-        pass
-
-
 def export_merged(model_dir: Path, out_dir: Path, model: nn.Module, dtype: str,
                   fold: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
                   extra: Optional[Mapping[str, torch.Tensor]] = None,
@@ -230,7 +218,7 @@ def export_merged(model_dir: Path, out_dir: Path, model: nn.Module, dtype: str,
     of each adapted weight), an index when the source is sharded, config and generation config (tokenizer: the
     caller's). ``model`` is the meta-device skeleton; ``files`` a :func:`plan` already made. Returns
     ``{files, tensors, bytes}``."""
-    _unmap_freed_tensors()
+    unmap_freed_tensors()
     extra = extra or {}
     files = files if files is not None else plan(model_dir, model, dtype, extra)
     write_config(model, out_dir, dtype)

@@ -26,7 +26,9 @@ from psoft_export.adapters.layout import is_fan_in_fan_out
 from psoft_export.adapters.surgery import Targets, select_targets
 from psoft_export.atomic import atomic_output_dir, check_output_dir
 from psoft_export.defaults import DEFAULT_NITER, DEFAULT_OVERSAMPLE
-from psoft_export.checkpoint import ModelSource, check_config_sizes, check_weights, file_sha256, prefix_variants, sha256_of, skeleton
+from psoft_export.checkpoint import (
+    ModelSource, check_config_sizes, check_weights, file_sha256, prefix_variants, sha256_of, skeleton, unmap_freed_tensors,
+)
 from psoft_export.errors import UserInputError
 from psoft_export.subspace import (
     INITS, SVD_BACKENDS, Subspace, check_rank, energy_fraction, principal_subspace, psoft_factors,
@@ -209,18 +211,24 @@ def decompose(
     source, jobs = plan(model_dir, rank, targets)
     check_output_dir(Path(out_dir), overwrite, inputs=[model_dir])
 
+    unmap_freed_tensors()  # each weight's working set is returned to the system before the next one
     tensors: dict[str, torch.Tensor] = {}
     records: dict[str, dict] = {}
     start = time.perf_counter()
     for name, key, fifo in (progress(jobs) if progress else jobs):
-        weight = source.tensor(key, device=device)
-        digest = sha256_of(weight)
-        if weight.is_floating_point() and not bool(torch.isfinite(weight).all()):
+        if svd == "exact" and device == "cpu":
+            # Never loaded whole: hashed, checked and decomposed a slab at a time from the file, so the peak is
+            # the Gram matrix's eigendecomposition, not the weight (docs/benchmarks.md, issue 11).
+            weight = source.matrix(key)
+            digest, finite, frob2 = weight.stats()
+        else:
+            weight = source.tensor(key, device=device)
+            digest, finite, frob2 = sha256_of(weight), bool(torch.isfinite(weight).all()), squared_norm(weight)
+        if not finite:
             raise UserInputError(f"{key} holds NaN or Inf values: the checkpoint is damaged; re-download or re-save it")
         W = weight.T if fifo else weight
         del weight
         sub = _subspace(W, rank, svd, niter, oversample, seed)
-        frob2 = squared_norm(W)
         del W
         A, B = psoft_factors(_truncate(sub, rank), alpha / rank, init)
         tensors[f"{name}.A"], tensors[f"{name}.B"] = A.cpu().contiguous(), B.cpu().contiguous()

@@ -88,9 +88,15 @@ def _slabs(n: int, width: int) -> list[slice]:
     return [slice(i, min(i + step, n)) for i in range(0, n, step)]
 
 
+def _dense(W) -> torch.Tensor:
+    return W.load() if hasattr(W, "load") else W
+
+
 def gram(M: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``M^T M`` ``(n, n)`` of a tall ``M`` ``(m, n)`` in ``dtype``, a slab of rows at a time (each slab upcast on its
     own), so memory is the Gram matrix plus one slab."""
+    if hasattr(M, "gram"):  # a checkpoint.StoredMatrix: read from its file
+        return M.gram(dtype)
     n = M.shape[1]
     G = torch.zeros(n, n, dtype=dtype, device=M.device)
     for sl in _slabs(M.shape[0], n):
@@ -101,11 +107,15 @@ def gram(M: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 
 def _apply(M: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
     """``M X`` ``(m, k)`` in float64 for float64 ``X``, upcasting ``M`` a slab of rows at a time."""
+    if hasattr(M, "apply"):
+        return M.apply(X)
     return torch.cat([M[sl].to(torch.float64) @ X for sl in _slabs(M.shape[0], M.shape[1])])
 
 
 def _apply_t(M: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     """``M^T Y`` ``(n, k)`` in float64, a slab of rows at a time."""
+    if hasattr(M, "apply_t"):
+        return M.apply_t(Y)
     out = torch.zeros(M.shape[1], Y.shape[1], dtype=torch.float64, device=M.device)
     for sl in _slabs(M.shape[0], M.shape[1]):
         out.addmm_(M[sl].to(torch.float64).T, Y[sl])
@@ -129,7 +139,7 @@ def gram_subspace(W: torch.Tensor, rank: int, tol: float = ANGLE_TOL) -> Subspac
     ``||G V - V diag(mu)||_F / (mu_r - lambda_{r+1}) <= tol`` (the sin-theta bound, stored as ``angle_bound``);
     if that does not happen in :data:`MAX_REFINEMENTS` steps (an ill-posed gap), a float64 ``eigh`` decides.
     """
-    W = W.detach()
+    W = W.detach() if isinstance(W, torch.Tensor) else W  # or a checkpoint.StoredMatrix, read a slab at a time
     f64 = W.dtype == torch.float64
     M = W if W.shape[0] >= W.shape[1] else W.T  # tall: M^T M is the smaller Gram matrix
     n = M.shape[1]
@@ -158,7 +168,7 @@ def gram_subspace(W: torch.Tensor, rank: int, tol: float = ANGLE_TOL) -> Subspac
         mu, Vt, lc = lam[:rank], V[:, :rank].contiguous(), lam[rank:]
     S = mu.clamp_min(0).sqrt()
     if S[-1] <= 1e-6 * S[0]:  # a direction at the rounding floor is undetermined: let an SVD pick one
-        U, S_all, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+        U, S_all, Vh = torch.linalg.svd(_dense(W).double(), full_matrices=False)
         return _finish(U[:, :rank], S_all, Vh[:rank], W.dtype, 0.0)
     X = _apply(M, Vt) / S  # the other side's singular vectors
     spectrum = torch.cat([S, lc.clamp_min(0).sqrt()])

@@ -38,8 +38,15 @@ import time
 from pathlib import Path
 
 VARIANTS = ("ours-exact", "ours-lowrank", "ours-full", "peft-full", "peft-lowrank")
-PROJ = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("self_attn", "o_proj"),
-        ("mlp", "gate_proj"), ("mlp", "up_proj"), ("mlp", "down_proj"))
+PROJ = (
+    ("self_attn", "q_proj"),
+    ("self_attn", "k_proj"),
+    ("self_attn", "v_proj"),
+    ("self_attn", "o_proj"),
+    ("mlp", "gate_proj"),
+    ("mlp", "up_proj"),
+    ("mlp", "down_proj"),
+)
 SHARD_BYTES = 200 * 10**6
 SPEEDUP_BAR = 10.0
 MEMORY_BAR = 1.5
@@ -48,8 +55,9 @@ MB = 2**20
 
 # ----------------------------------------------------------------------------------------------- arguments
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads in every child (default 2)")
@@ -77,19 +85,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 def model_dir(args: argparse.Namespace) -> Path:
-    name = (f"llama-h{args.hidden}-i{args.intermediate}-l{args.layers}-a{args.heads}-kv{args.kv_heads}"
-            f"-v{args.vocab}-d{args.decay:g}-s{args.seed}")
+    name = (
+        f"llama-h{args.hidden}-i{args.intermediate}-l{args.layers}-a{args.heads}-kv{args.kv_heads}"
+        f"-v{args.vocab}-d{args.decay:g}-s{args.seed}"
+    )
     return args.work / name
 
 
 def shapes(args: argparse.Namespace) -> dict[str, tuple[int, int]]:
     """Every target weight ``(out, in)`` by checkpoint key, in model order."""
     kv = args.hidden // args.heads * args.kv_heads
-    dims = {"q_proj": (args.hidden, args.hidden), "k_proj": (kv, args.hidden), "v_proj": (kv, args.hidden),
-            "o_proj": (args.hidden, args.hidden), "gate_proj": (args.intermediate, args.hidden),
-            "up_proj": (args.intermediate, args.hidden), "down_proj": (args.hidden, args.intermediate)}
-    return {f"model.layers.{i}.{block}.{proj}.weight": dims[proj]
-            for i in range(args.layers) for block, proj in PROJ}
+    dims = {
+        "q_proj": (args.hidden, args.hidden),
+        "k_proj": (kv, args.hidden),
+        "v_proj": (kv, args.hidden),
+        "o_proj": (args.hidden, args.hidden),
+        "gate_proj": (args.intermediate, args.hidden),
+        "up_proj": (args.intermediate, args.hidden),
+        "down_proj": (args.hidden, args.intermediate),
+    }
+    return {f"model.layers.{i}.{block}.{proj}.weight": dims[proj] for i in range(args.layers) for block, proj in PROJ}
 
 
 # ----------------------------------------------------------------------------------------------- the model
@@ -102,9 +117,15 @@ def build_model(args: argparse.Namespace, out: Path) -> None:
     torch.set_num_threads(args.threads)
     gen = torch.Generator().manual_seed(args.seed)
     config = LlamaConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
-        max_position_embeddings=2048, tie_word_embeddings=False, torch_dtype="float32",
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
         architectures=["LlamaForCausalLM"],
     )
     out.mkdir(parents=True, exist_ok=True)
@@ -192,10 +213,10 @@ def _numel(shape) -> int:
 # ----------------------------------------------------------------------------------------------- a child
 def child(args: argparse.Namespace) -> dict:
     """Run one variant once in this (fresh) process; returns seconds and RSS in MiB."""
-    import torch
-    import transformers
     import peft
+    import torch
     from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401  (same imports everywhere)
+
     from psoft_export.decompose import decompose
 
     torch.set_num_threads(args.threads)
@@ -224,8 +245,14 @@ def run_ours(args: argparse.Namespace, decompose) -> dict:
     dec = decompose(args._model, out, args.rank, svd=svd, device=args.device, overwrite=True, plot=False)
     seconds = time.perf_counter() - start
     energies = [t["energy"] for t in dec.manifest["targets"].values()]
-    return {"seconds": seconds, "svd_loop_seconds": dec.manifest["seconds"], "targets": len(energies),
-            "energy_min": min(energies), "niter": dec.manifest["niter"], "oversample": dec.manifest["oversample"]}
+    return {
+        "seconds": seconds,
+        "svd_loop_seconds": dec.manifest["seconds"],
+        "targets": len(energies),
+        "energy_min": min(energies),
+        "niter": dec.manifest["niter"],
+        "oversample": dec.manifest["oversample"],
+    }
 
 
 def run_peft(args: argparse.Namespace, peft, auto_cls) -> dict:
@@ -243,8 +270,12 @@ def run_peft(args: argparse.Namespace, peft, auto_cls) -> dict:
     _sync(args.device)
     setup = time.perf_counter() - start
     n = sum(1 for m in model.modules() if type(m).__name__ == "Linear" and hasattr(m, "psoft_R"))
-    return {"seconds": setup, "load_seconds": load, "targets": n or None, "niter": config.psoft_svd_lowrank_niter
-            if svd == "lowrank" else None}
+    return {
+        "seconds": setup,
+        "load_seconds": load,
+        "targets": n or None,
+        "niter": config.psoft_svd_lowrank_niter if svd == "lowrank" else None,
+    }
 
 
 def _sync(device: str) -> None:
@@ -271,10 +302,17 @@ def self_peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------------------------- the parent
 def spawn(argv: list[str], threads: int) -> tuple[str, float, int]:
     """Run this script with ``argv``; stdout, peak RSS (MiB, from ``wait4``) and exit code."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *argv], stdout=subprocess.PIPE,
-                            env=env, text=True)
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(Path(__file__).resolve()), *argv], stdout=subprocess.PIPE, env=env, text=True
+    )
     stdout = proc.stdout.read()
     proc.stdout.close()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -283,10 +321,32 @@ def spawn(argv: list[str], threads: int) -> tuple[str, float, int]:
 
 
 def common_argv(args: argparse.Namespace) -> list[str]:
-    return ["--rank", str(args.rank), "--layers", str(args.layers), "--threads", str(args.threads),
-            "--device", args.device, "--work", str(args.work), "--hidden", str(args.hidden),
-            "--intermediate", str(args.intermediate), "--heads", str(args.heads), "--kv-heads", str(args.kv_heads),
-            "--vocab", str(args.vocab), "--decay", str(args.decay), "--seed", str(args.seed)]
+    return [
+        "--rank",
+        str(args.rank),
+        "--layers",
+        str(args.layers),
+        "--threads",
+        str(args.threads),
+        "--device",
+        args.device,
+        "--work",
+        str(args.work),
+        "--hidden",
+        str(args.hidden),
+        "--intermediate",
+        str(args.intermediate),
+        "--heads",
+        str(args.heads),
+        "--kv-heads",
+        str(args.kv_heads),
+        "--vocab",
+        str(args.vocab),
+        "--decay",
+        str(args.decay),
+        "--seed",
+        str(args.seed),
+    ]
 
 
 def ensure_model(args: argparse.Namespace) -> tuple[Path, float | None]:
@@ -330,8 +390,12 @@ def memory_bound_mb(args: argparse.Namespace) -> dict:
     largest = max(o * i for o, i in targets.values()) * 4
     q = lambda o, i: min(args.rank + DEFAULT_OVERSAMPLE, o, i)  # noqa: E731
     factors = sum((args.rank * (o + i) + q(o, i)) * 4 for o, i in targets.values())
-    return {"largest_weight_mb": largest / MB, "factors_mb": factors / MB, "bound_mb": MEMORY_BAR * (largest +
-            factors) / MB, "targets": len(targets)}
+    return {
+        "largest_weight_mb": largest / MB,
+        "factors_mb": factors / MB,
+        "bound_mb": MEMORY_BAR * (largest + factors) / MB,
+        "targets": len(targets),
+    }
 
 
 def summarize(results: dict[str, dict], mem: dict) -> dict:
@@ -339,19 +403,21 @@ def summarize(results: dict[str, dict], mem: dict) -> dict:
     sec = {v: r["seconds"] for v, r in results.items()}
     low = sec.get("ours-lowrank")
     ratio = lambda a: (sec[a] / low) if low and a in sec else None  # noqa: E731
-    ratios = {"ours-full / ours-lowrank": ratio("ours-full"),
-              "peft-full setup / ours-lowrank": ratio("peft-full"),
-              "peft-lowrank setup / ours-lowrank": ratio("peft-lowrank")}
+    ratios = {
+        "ours-full / ours-lowrank": ratio("ours-full"),
+        "peft-full setup / ours-lowrank": ratio("peft-full"),
+        "peft-lowrank setup / ours-lowrank": ratio("peft-lowrank"),
+    }
     for v in ("peft-full", "peft-lowrank"):
         if low and v in results:
             ratios[f"{v} load+setup / ours-lowrank"] = (sec[v] + results[v]["load_seconds"]) / low
     speed = ratios["ours-full / ours-lowrank"]
     delta = results.get("ours-lowrank", {}).get("delta_rss_mb")
     bars = {
-        f"ours lowrank >= {SPEEDUP_BAR:g}x faster than ours full":
-            None if speed is None else speed >= SPEEDUP_BAR,
-        f"ours lowrank peak-baseline < {MEMORY_BAR:g} x (largest weight + factors)":
-            None if delta is None else delta < mem["bound_mb"],
+        f"ours lowrank >= {SPEEDUP_BAR:g}x faster than ours full": None if speed is None else speed >= SPEEDUP_BAR,
+        f"ours lowrank peak-baseline < {MEMORY_BAR:g} x (largest weight + factors)": None
+        if delta is None
+        else delta < mem["bound_mb"],
     }
     return {"ratios": ratios, "bars": bars}
 
@@ -359,8 +425,14 @@ def summarize(results: dict[str, dict], mem: dict) -> dict:
 def environment(args: argparse.Namespace) -> dict:
     import importlib.metadata as md
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     versions = {p: _version(md, p) for p in ("torch", "transformers", "peft", "safetensors", "psoft-export")}
     return {"cpu": cpu, "cpus": os.cpu_count(), "python": platform.python_version(), **versions}
 
@@ -382,27 +454,50 @@ def fmt(x, spec: str = ".2f") -> str:
 
 def print_report(report: dict) -> None:
     m, mem = report["model"], report["memory"]
-    print(f"model: {m['path']}  ({m['targets']} targets, largest {mem['largest_weight_mb']:.1f} MiB, "
-          f"{m['layers']} layer(s), hidden {m['hidden']}, intermediate {m['intermediate']}, s_i ∝ i^-{m['decay']:g})")
-    print(f"rank {report['rank']}, device {report['device']}, {report['threads']} thread(s), repeat "
-          f"{report['repeat']}; {report['env']['cpu']} ({report['env']['cpus']} CPUs); torch "
-          f"{report['env']['torch']}, transformers {report['env']['transformers']}, peft {report['env']['peft']}")
+    print(
+        f"model: {m['path']}  ({m['targets']} targets, largest {mem['largest_weight_mb']:.1f} MiB, "
+        f"{m['layers']} layer(s), hidden {m['hidden']}, intermediate {m['intermediate']}, s_i ∝ i^-{m['decay']:g})"
+    )
+    print(
+        f"rank {report['rank']}, device {report['device']}, {report['threads']} thread(s), repeat "
+        f"{report['repeat']}; {report['env']['cpu']} ({report['env']['cpus']} CPUs); torch "
+        f"{report['env']['torch']}, transformers {report['env']['transformers']}, peft {report['env']['peft']}"
+    )
     print()
-    head = ("variant", "load s", "setup/decompose s", "svd loop s", "peak RSS MiB", "baseline MiB",
-            "peak-base MiB", "vs bound")
+    head = (
+        "variant",
+        "load s",
+        "setup/decompose s",
+        "svd loop s",
+        "peak RSS MiB",
+        "baseline MiB",
+        "peak-base MiB",
+        "vs bound",
+    )
     rows = [head]
     for v, r in report["results"].items():
-        rows.append((v, fmt(r.get("load_seconds")), fmt(r["seconds"]), fmt(r.get("svd_loop_seconds")),
-                     fmt(r["peak_rss_mb"], ".0f"), fmt(r["baseline_rss_mb"], ".0f"), fmt(r["delta_rss_mb"], ".0f"),
-                     f"{r['delta_rss_mb'] / mem['bound_mb'] * MEMORY_BAR:.2f}x"))
+        rows.append(
+            (
+                v,
+                fmt(r.get("load_seconds")),
+                fmt(r["seconds"]),
+                fmt(r.get("svd_loop_seconds")),
+                fmt(r["peak_rss_mb"], ".0f"),
+                fmt(r["baseline_rss_mb"], ".0f"),
+                fmt(r["delta_rss_mb"], ".0f"),
+                f"{r['delta_rss_mb'] / mem['bound_mb'] * MEMORY_BAR:.2f}x",
+            )
+        )
     widths = [max(len(row[c]) for row in rows) for c in range(len(head))]
     for n, row in enumerate(rows):
         print("  ".join(cell.rjust(w) if c else cell.ljust(w) for c, (cell, w) in enumerate(zip(row, widths))))
         if n == 0:
             print("  ".join("-" * w for w in widths))
-    print(f"\n'vs bound' = (peak - baseline) / (largest weight + factors) = "
-          f"(peak - baseline) / {mem['bound_mb'] / MEMORY_BAR:.1f} MiB "
-          f"({mem['largest_weight_mb']:.1f} + {mem['factors_mb']:.1f}); bar {MEMORY_BAR:g}x = {mem['bound_mb']:.1f} MiB")
+    print(
+        f"\n'vs bound' = (peak - baseline) / (largest weight + factors) = "
+        f"(peak - baseline) / {mem['bound_mb'] / MEMORY_BAR:.1f} MiB "
+        f"({mem['largest_weight_mb']:.1f} + {mem['factors_mb']:.1f}); bar {MEMORY_BAR:g}x = {mem['bound_mb']:.1f} MiB"
+    )
     for v in ("ours-full", "ours-lowrank"):
         if "energy_min" in report["results"].get(v, {}):
             print(f"{v}: min energy kept at r={report['rank']} {report['results'][v]['energy_min']:.4f}")
@@ -429,12 +524,26 @@ def main(argv: list[str] | None = None) -> None:
     results = {v: run_variant(args, path, v) for v in args.variant_list}
     mem = memory_bound_mb(args)
     report = {
-        "command": command_line(), "rank": args.rank, "device": args.device, "threads": args.threads,
-        "repeat": args.repeat, "env": environment(args),
-        "model": {"path": str(path), "layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate,
-                  "kv_heads": args.kv_heads, "vocab": args.vocab, "decay": args.decay, "targets": mem["targets"],
-                  "build_seconds": build_seconds},
-        "memory": mem, "results": results, **summarize(results, mem),
+        "command": command_line(),
+        "rank": args.rank,
+        "device": args.device,
+        "threads": args.threads,
+        "repeat": args.repeat,
+        "env": environment(args),
+        "model": {
+            "path": str(path),
+            "layers": args.layers,
+            "hidden": args.hidden,
+            "intermediate": args.intermediate,
+            "kv_heads": args.kv_heads,
+            "vocab": args.vocab,
+            "decay": args.decay,
+            "targets": mem["targets"],
+            "build_seconds": build_seconds,
+        },
+        "memory": mem,
+        "results": results,
+        **summarize(results, mem),
     }
     if args.json:
         print(json.dumps(report, indent=2))

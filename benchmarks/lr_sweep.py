@@ -49,13 +49,22 @@ def main() -> None:
             for lr in (float(x) for x in args.lrs.split(",")):
                 out = tmp / f"{method}-{lr:g}"
                 cfg = TrainConfig(method=method, lr=lr, epochs=args.epochs, seq_len=48)
-                s = train(model_dir, DATA / "reviews_train.jsonl", out, cfg, eval_data=DATA / "reviews_eval.jsonl",
-                          decomposition=dec if method == "psoft" else None)
+                s = train(
+                    model_dir,
+                    DATA / "reviews_train.jsonl",
+                    out,
+                    cfg,
+                    eval_data=DATA / "reviews_eval.jsonl",
+                    decomposition=dec if method == "psoft" else None,
+                )
                 model, _, _ = reference_model(model_dir, out)
                 with torch.no_grad():
                     acc = float((model(**inputs).logits.argmax(-1) == labels).double().mean())
-                print(f"| {method} | {lr:g} | {s['first_loss']:.3f} | {s['final_loss']:.3f} | {s['eval_loss']:.3f} | {acc:.2f} |",
-                      flush=True)
+                print(
+                    f"| {method} | {lr:g} | {s['first_loss']:.3f} | {s['final_loss']:.3f} | {s['eval_loss']:.3f} "
+                    f"| {acc:.2f} |",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

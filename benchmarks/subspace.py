@@ -30,8 +30,15 @@ import time
 from pathlib import Path
 
 VARIANTS = ("exact", "svd-f32", "lowrank-0.1", "peft-lowrank")
-SHAPES_1B = {"q_proj": (2048, 2048), "k_proj": (512, 2048), "v_proj": (512, 2048), "o_proj": (2048, 2048),
-             "gate_proj": (8192, 2048), "up_proj": (8192, 2048), "down_proj": (2048, 8192)}
+SHAPES_1B = {
+    "q_proj": (2048, 2048),
+    "k_proj": (512, 2048),
+    "v_proj": (512, 2048),
+    "o_proj": (2048, 2048),
+    "gate_proj": (8192, 2048),
+    "up_proj": (8192, 2048),
+    "down_proj": (2048, 8192),
+}
 
 
 def weights(name: str):
@@ -78,12 +85,20 @@ def child(args) -> dict:
         found[key] = method(args.variant, W, args.rank)
         seconds += time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # before the float64 references below
-    worst = max(angle(found[k], torch.linalg.svd(W.double(), full_matrices=False).Vh[:args.rank])
-                for k, W in ws.items())
+    worst = max(
+        angle(found[k], torch.linalg.svd(W.double(), full_matrices=False).Vh[: args.rank]) for k, W in ws.items()
+    )
     largest = max(W.numel() * 4 for W in ws.values()) / 2**20
     factors = max(args.rank * sum(W.shape) * 4 for W in ws.values()) / 2**20
-    return {"set": args.set, "variant": args.variant, "seconds": seconds, "max_angle": worst,
-            "peak_above_baseline_mb": peak - base, "bound_mb": largest + factors, "weights": len(ws)}
+    return {
+        "set": args.set,
+        "variant": args.variant,
+        "seconds": seconds,
+        "max_angle": worst,
+        "peak_above_baseline_mb": peak - base,
+        "bound_mb": largest + factors,
+        "weights": len(ws),
+    }
 
 
 def main() -> None:
@@ -101,21 +116,39 @@ def main() -> None:
     rows = []
     for name in args.sets.split(","):
         for variant in VARIANTS:
-            out = subprocess.run([sys.executable, __file__, "--set", name, "--variant", variant, "--rank",
-                                  str(args.rank), "--threads", str(args.threads)], capture_output=True, text=True,
-                                 check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--set",
+                    name,
+                    "--variant",
+                    variant,
+                    "--rank",
+                    str(args.rank),
+                    "--threads",
+                    str(args.threads),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     if args.json:
         print(json.dumps(rows, indent=2))
         return
     print(f"rank {args.rank}, {args.threads} threads; angle = largest principal angle to a float64 SVD (rad)\n")
-    print("| set | variant | seconds | vs svd-f32 | max angle | peak RSS above baseline | bound (largest W + factors) |")
+    print(
+        "| set | variant | seconds | vs svd-f32 | max angle | peak RSS above baseline | bound (largest W + factors) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         ref = next(x for x in rows if x["set"] == r["set"] and x["variant"] == "svd-f32")["seconds"]
-        print(f"| {r['set']} ({r['weights']} weights) | {r['variant']} | {r['seconds']:.2f} | "
-              f"{ref / r['seconds']:.2f}x faster | {r['max_angle']:.1e} | {r['peak_above_baseline_mb']:.0f} MiB | "
-              f"{r['bound_mb']:.0f} MiB |")
+        print(
+            f"| {r['set']} ({r['weights']} weights) | {r['variant']} | {r['seconds']:.2f} | "
+            f"{ref / r['seconds']:.2f}x faster | {r['max_angle']:.1e} | {r['peak_above_baseline_mb']:.0f} MiB | "
+            f"{r['bound_mb']:.0f} MiB |"
+        )
     print(f"\ncommand: python benchmarks/subspace.py --rank {args.rank} --threads {args.threads} --sets {args.sets}")
 
 

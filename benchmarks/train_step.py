@@ -101,12 +101,17 @@ MB = 2**20
 
 # ----------------------------------------------------------------------------------------------- arguments
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
-    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
-                   help="bf16: weights stay float32, the step runs under torch.autocast(bfloat16)")
+    p.add_argument(
+        "--dtype",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: weights stay float32, the step runs under torch.autocast(bfloat16)",
+    )
     p.add_argument("--hidden", type=int, default=768)
     p.add_argument("--intermediate", type=int, default=2048)
     p.add_argument("--layers", type=int, default=4)
@@ -283,14 +288,29 @@ class LoopRunner(Runner):
 
         super().__init__(name, model, params, args, input_ids)
         self.opt = None
-        cfg = TrainConfig(method="oft" if "-oft-" in name else "psoft", batch_size=args.batch, seq_len=args.seq,
-                          steps=10**6, lr=1e-4, seed=args.seed)
+        cfg = TrainConfig(
+            method="oft" if "-oft-" in name else "psoft",
+            batch_size=args.batch,
+            seq_len=args.seq,
+            steps=10**6,
+            lr=1e-4,
+            seed=args.seed,
+        )
         g = torch.Generator().manual_seed(args.seed + 2)
         rows = [torch.randint(0, args.vocab, (args.seq,), generator=g) for _ in range(8 * args.batch)]
         train_set = data_mod.Dataset("causal", [{"input_ids": r, "labels": r} for r in rows])
-        self.run = Run(cfg=cfg, model=model, tokenizer=SimpleNamespace(pad_token_id=0), train_set=train_set,
-                       eval_set=None, device=args.device, dtype=torch.bfloat16 if args.dtype == "bf16" else None,
-                       heads=[], total_steps=10**6, decomposition=None)
+        self.run = Run(
+            cfg=cfg,
+            model=model,
+            tokenizer=SimpleNamespace(pad_token_id=0),
+            train_set=train_set,
+            eval_set=None,
+            device=args.device,
+            dtype=torch.bfloat16 if args.dtype == "bf16" else None,
+            heads=[],
+            total_steps=10**6,
+            decomposition=None,
+        )
         self.out = Path(tempfile.mkdtemp(prefix="psoft-bench-loop-"))
 
     def step(self) -> float:
@@ -436,11 +456,14 @@ def flop_model(args) -> dict[str, float]:
             total += weight if bwd_m else 2 * T * r * (r + i)
         return L * total
 
-    extra = {"frozen": 0.0, "peft-psoft-r128": psoft(128, "token"),
-             "peft-lora-r32": L * sum(6 * T * 32 * (i + o) for o, i in shapes),
-             "ours-oft-b32": L * sum(6 * T * i * 32 for o, i in shapes),
-             "peft-oft-b32": L * sum(6 * T * i * 32 for o, i in shapes),
-             "wc-oft-b32": L * sum(4 * o * i * 32 + 2 * T * o * i for o, i in shapes)}
+    extra = {
+        "frozen": 0.0,
+        "peft-psoft-r128": psoft(128, "token"),
+        "peft-lora-r32": L * sum(6 * T * 32 * (i + o) for o, i in shapes),
+        "ours-oft-b32": L * sum(6 * T * i * 32 for o, i in shapes),
+        "peft-oft-b32": L * sum(6 * T * i * 32 for o, i in shapes),
+        "wc-oft-b32": L * sum(4 * o * i * 32 + 2 * T * o * i for o, i in shapes),
+    }
     out = {}
     for v in args.variants:
         name, _, path = v.removeprefix("loop-").partition(":")
@@ -524,14 +547,18 @@ def main(argv: list[str]) -> int:
         peft_version = peft.__version__
     except ImportError:
         peft_version = "n/a"
-    print(f"train step: Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
-          f"vocab {args.vocab}, {args.heads} heads, batch {args.batch} x {args.seq} tokens, all-linear, "
-          f"{args.device} {args.threads} threads, {args.dtype}; torch {torch.__version__}, PEFT {peft_version}; "
-          f"median of {args.repeats} interleaved (warmup {args.warmup})")
+    print(
+        f"train step: Llama hidden {args.hidden}, intermediate {args.intermediate}, {args.layers} layers, "
+        f"vocab {args.vocab}, {args.heads} heads, batch {args.batch} x {args.seq} tokens, all-linear, "
+        f"{args.device} {args.threads} threads, {args.dtype}; torch {torch.__version__}, PEFT {peft_version}; "
+        f"median of {args.repeats} interleaved (warmup {args.warmup})"
+    )
     print()
     flops = result["flops"]
-    head = (f"{'variant':<26}{'median s':>10}{'min s':>9}{'max s':>9}{'x frozen':>10}{'GFLOP':>8}{'FLOP x fr':>10}"
-            f"{'peak MB':>10}{'saved MB':>10}")
+    head = (
+        f"{'variant':<26}{'median s':>10}{'min s':>9}{'max s':>9}{'x frozen':>10}{'GFLOP':>8}{'FLOP x fr':>10}"
+        f"{'peak MB':>10}{'saved MB':>10}"
+    )
     print(head)
     print("-" * len(head))
     for v in args.variants:
@@ -539,8 +566,10 @@ def main(argv: list[str]) -> int:
         xf = f"{med[v] / floor:.2f}" if floor else "-"
         pk = f"{memory[v]:.0f}" if v in memory else "-"
         ff = flops[v] / flops["frozen"] if "frozen" in flops else float("nan")
-        print(f"{v:<26}{med[v]:>10.3f}{min(ts):>9.3f}{max(ts):>9.3f}{xf:>10}{flops[v] / 1e9:>8.1f}{ff:>10.2f}"
-              f"{pk:>10}{saved[v] if v in saved else float('nan'):>10.0f}")
+        print(
+            f"{v:<26}{med[v]:>10.3f}{min(ts):>9.3f}{max(ts):>9.3f}{xf:>10}{flops[v] / 1e9:>8.1f}{ff:>10.2f}"
+            f"{pk:>10}{saved[v] if v in saved else float('nan'):>10.0f}"
+        )
     print()
     for b in bars:
         print(f"{'PASS' if b['pass'] else 'FAIL'}  {b['bar']}: {b['ratio']:.3f}")

@@ -68,15 +68,29 @@ TRACE_RANK = 2  # rank of the dummy LoRA factors used while tracing; replaced by
 _DECODER = "text-generation-with-past"
 _ENCODER = "feature-extraction"
 DEFAULT_TASKS = {
-    "llama": _DECODER, "mistral": _DECODER, "qwen2": _DECODER, "qwen3": _DECODER, "gpt2": _DECODER,
-    "bert": _ENCODER, "roberta": _ENCODER,
+    "llama": _DECODER,
+    "mistral": _DECODER,
+    "qwen2": _DECODER,
+    "qwen3": _DECODER,
+    "gpt2": _DECODER,
+    "bert": _ENCODER,
+    "roberta": _ENCODER,
 }
 CLASSIFIER_SUFFIX = "ForSequenceClassification"
 DTYPES = {"float32": torch.float32}
 MAIN_OUTPUTS = ("logits", "last_hidden_state")
 SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-    "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "tokenizer.model",
+    "added_tokens.json",
+    "chat_template.jinja",
 )
 ORT_NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
 
@@ -94,7 +108,8 @@ def resolve_task(config: dict, task: str | None = None) -> str:
     model_type = config.get("model_type")
     if model_type not in DEFAULT_TASKS:
         raise UserInputError(
-            f"model type {model_type!r} is not supported for ONNX export; supported: {', '.join(DEFAULT_TASKS)}")
+            f"model type {model_type!r} is not supported for ONNX export; supported: {', '.join(DEFAULT_TASKS)}"
+        )
     if task is None:
         classifier = any(a.endswith(CLASSIFIER_SUFFIX) for a in config.get("architectures") or ())
         return "text-classification" if classifier else DEFAULT_TASKS[model_type]
@@ -140,8 +155,13 @@ def export_merged(model_dir: Path, out_dir: Path, task: str | None = None, dtype
     task = resolve_task(config, task)
     out_dir = Path(out_dir)
     _export(_load_model(Path(model_dir), task, DTYPES[dtype]), Path(model_dir), out_dir, task)
-    return {"path": str(out_dir / MODEL_FILE), "model_type": config["model_type"], "task": task,
-            "opset": OPSET, "dtype": dtype}
+    return {
+        "path": str(out_dir / MODEL_FILE),
+        "model_type": config["model_type"],
+        "task": task,
+        "opset": OPSET,
+        "dtype": dtype,
+    }
 
 
 # ------------------------------------------------------------------------------------------------ split export
@@ -201,7 +221,8 @@ def _resolve_module(model: nn.Module, name: str) -> tuple[str, nn.Module]:
 def _check_block(name: str, in_f: int, block: int) -> None:
     if not isinstance(block, int) or block <= 0 or in_f % block:
         raise UserInputError(
-            f"OFT block size {block!r} does not divide in_features {in_f} of {name}; pick a divisor of {in_f}")
+            f"OFT block size {block!r} does not divide in_features {in_f} of {name}; pick a divisor of {in_f}"
+        )
 
 
 def _slots(name: str, traced: str, module: SplitLinear) -> list[Slot]:
@@ -212,8 +233,10 @@ def _slots(name: str, traced: str, module: SplitLinear) -> list[Slot]:
         "lora_B": lambda: (np.zeros((0, out_f), np.float32), [rank, out_f]),
         "oft_R": lambda: (np.tile(np.eye(b, dtype=np.float32), (in_f // b, 1, 1)), [in_f // b, b, b]),
     }
-    return [Slot(f"{name}.{p}", f"{traced}.{p}", param.detach().numpy().copy(), *defaults[p]())
-            for p, param in module.named_parameters(recurse=False)]
+    return [
+        Slot(f"{name}.{p}", f"{traced}.{p}", param.detach().numpy().copy(), *defaults[p]())
+        for p, param in module.named_parameters(recurse=False)
+    ]
 
 
 def wrap_targets(model: nn.Module, lora_targets: Sequence[str], oft_targets: Mapping[str, int]) -> list[Slot]:
@@ -269,12 +292,16 @@ def _save(model: onnx.ModelProto, onnx_path: Path, external: bool) -> None:
         onnx.save(model, str(onnx_path))
         return
     (onnx_path.parent / EXTERNAL_DATA).unlink()
-    onnx.save(model, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=EXTERNAL_DATA)
+    onnx.save(model, str(onnx_path), save_as_external_data=True, all_tensors_to_one_file=True, location=EXTERNAL_DATA)
 
 
-def export_split(model_dir: Path, out_dir: Path, lora_targets: Sequence[str] = (),
-                 oft_targets: Mapping[str, int] | None = None, task: str | None = None) -> dict:
+def export_split(
+    model_dir: Path,
+    out_dir: Path,
+    lora_targets: Sequence[str] = (),
+    oft_targets: Mapping[str, int] | None = None,
+    task: str | None = None,
+) -> dict:
     """Export the base with LoRA slots on ``lora_targets`` and OFT rotation slots (block size) on ``oft_targets``."""
     oft_targets = dict(oft_targets or {})
     if not lora_targets and not oft_targets:
@@ -286,8 +313,13 @@ def export_split(model_dir: Path, out_dir: Path, lora_targets: Sequence[str] = (
     out_dir = Path(out_dir)
     _export(model, Path(model_dir), out_dir, task)
     make_overridable(out_dir / MODEL_FILE, slots)
-    return {"path": str(out_dir / MODEL_FILE), "model_type": config["model_type"], "task": task, "opset": OPSET,
-            "overridable": {s.name: s.dims for s in slots}}
+    return {
+        "path": str(out_dir / MODEL_FILE),
+        "model_type": config["model_type"],
+        "task": task,
+        "opset": OPSET,
+        "overridable": {s.name: s.dims for s in slots},
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- adapters
@@ -299,7 +331,8 @@ def _lora_params(module: str, A: torch.Tensor, B: torch.Tensor, scale: float) ->
     """PEFT layout ``A`` (r, in), ``B`` (out, r) -> MatMul layout ``lora_A`` (in, r), ``lora_B`` (r, out)."""
     if A.ndim != 2 or B.ndim != 2 or A.shape[0] != B.shape[1]:
         raise UserInputError(
-            f"LoRA for {module}: A {tuple(A.shape)} and B {tuple(B.shape)} must be (r, in) and (out, r)")
+            f"LoRA for {module}: A {tuple(A.shape)} and B {tuple(B.shape)} must be (r, in) and (out, r)"
+        )
     return {f"{module}.lora_A": _as_array(A.T), f"{module}.lora_B": _as_array(scale * B.T)}
 
 
@@ -317,8 +350,12 @@ def _scale(scaling: float | Mapping[str, float], module: str) -> float:
     return float(scaling[module])
 
 
-def write_adapter(path: Path, lora: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
-                  scaling: float | Mapping[str, float] = 1.0, oft: Mapping[str, torch.Tensor] | None = None) -> dict:
+def write_adapter(
+    path: Path,
+    lora: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    scaling: float | Mapping[str, float] = 1.0,
+    oft: Mapping[str, torch.Tensor] | None = None,
+) -> dict:
     """Write an ``.onnx_adapter`` for a model from ``export_split``: scaled LoRA factors and OFT blocks."""
     params: dict[str, np.ndarray] = {}
     for module, (A, B) in (lora or {}).items():
@@ -371,8 +408,13 @@ def _feed(arg: ort.NodeArg, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return FEEDS[arg.name](ids, mask, arg)
 
 
-def run_logits(onnx_dir: Path, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
-               adapter_path: Path | None = None, session: ort.InferenceSession | None = None) -> dict[str, np.ndarray]:
+def run_logits(
+    onnx_dir: Path,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray | None = None,
+    adapter_path: Path | None = None,
+    session: ort.InferenceSession | None = None,
+) -> dict[str, np.ndarray]:
     """Run ``model.onnx`` once (empty KV cache) and return its main outputs (``logits`` / ``last_hidden_state``).
 
     ``session`` reuses an ``open_session`` result, e.g. to switch adapters on one session.
@@ -403,8 +445,11 @@ def _value_info(v: onnx.ValueInfoProto) -> dict:
 def describe_adapter(path: Path) -> dict:
     fmt = ort.AdapterFormat.read_adapter(str(path))
     params = fmt.get_parameters()
-    return {"adapter_version": fmt.get_adapter_version(), "model_version": fmt.get_model_version(),
-            "parameters": {k: {"shape": list(v.shape()), "dtype": v.data_type()} for k, v in sorted(params.items())}}
+    return {
+        "adapter_version": fmt.get_adapter_version(),
+        "model_version": fmt.get_model_version(),
+        "parameters": {k: {"shape": list(v.shape()), "dtype": v.data_type()} for k, v in sorted(params.items())},
+    }
 
 
 def describe(onnx_dir: Path) -> dict:

@@ -52,26 +52,63 @@ MethodConfig = Union[PsoftConfig, OftConfig]
 
 # ---------------------------------------------------------------- configs: ours <-> PEFT's adapter_config.json
 
-def peft_config(cfg: MethodConfig, targets: list[str], fan_in_fan_out: bool, task_type: Optional[str],
-                modules_to_save: list[str], base_model: str) -> dict:
+
+def peft_config(
+    cfg: MethodConfig,
+    targets: list[str],
+    fan_in_fan_out: bool,
+    task_type: Optional[str],
+    modules_to_save: list[str],
+    base_model: str,
+) -> dict:
     """The ``adapter_config.json`` PEFT 0.21 writes for the same adapter."""
     common = {
-        "base_model_name_or_path": base_model, "target_modules": sorted(targets), "task_type": task_type,
-        "modules_to_save": modules_to_save or None, "fan_in_fan_out": fan_in_fan_out, "inference_mode": True,
-        "init_weights": True, "exclude_modules": None, "layers_pattern": None, "layers_to_transform": None,
-        "revision": None, "peft_version": "0.21.2",
+        "base_model_name_or_path": base_model,
+        "target_modules": sorted(targets),
+        "task_type": task_type,
+        "modules_to_save": modules_to_save or None,
+        "fan_in_fan_out": fan_in_fan_out,
+        "inference_mode": True,
+        "init_weights": True,
+        "exclude_modules": None,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "revision": None,
+        "peft_version": "0.21.2",
     }
     if isinstance(cfg, PsoftConfig):
         alpha = int(cfg.alpha) if float(cfg.alpha).is_integer() else cfg.alpha
-        return {**common, "peft_type": "PSOFT", "r": cfg.rank, "psoft_alpha": alpha, "psoft_dropout": cfg.dropout,
-                "ab_svd_init": f"{cfg.init}_init", "psoft_svd": "full", "psoft_svd_lowrank_niter": cfg.niter,
-                "random_seed": cfg.seed, "psoft_orth": cfg.orth, "psoft_mag_a": cfg.vector_a,
-                "psoft_mag_b": cfg.vector_b, "use_cayley_neumann": cfg.cayley == "neumann",
-                # PEFT warns about a term count it will not use: write its default then
-                "num_cayley_neumann_terms": cfg.neumann_terms if cfg.cayley == "neumann" else 5, "cayley_neumann_eps": cfg.neumann_eps}
-    return {**common, "peft_type": "OFT", "r": 0, "oft_block_size": cfg.block_size, "module_dropout": 0.0,
-            "bias": "none", "coft": False, "eps": 6e-05, "block_share": cfg.block_share,
-            "use_cayley_neumann": cfg.cayley == "neumann", "num_cayley_neumann_terms": cfg.neumann_terms}
+        return {
+            **common,
+            "peft_type": "PSOFT",
+            "r": cfg.rank,
+            "psoft_alpha": alpha,
+            "psoft_dropout": cfg.dropout,
+            "ab_svd_init": f"{cfg.init}_init",
+            "psoft_svd": "full",
+            "psoft_svd_lowrank_niter": cfg.niter,
+            "random_seed": cfg.seed,
+            "psoft_orth": cfg.orth,
+            "psoft_mag_a": cfg.vector_a,
+            "psoft_mag_b": cfg.vector_b,
+            "use_cayley_neumann": cfg.cayley == "neumann",
+            # PEFT warns about a term count it will not use: write its default then
+            "num_cayley_neumann_terms": cfg.neumann_terms if cfg.cayley == "neumann" else 5,
+            "cayley_neumann_eps": cfg.neumann_eps,
+        }
+    return {
+        **common,
+        "peft_type": "OFT",
+        "r": 0,
+        "oft_block_size": cfg.block_size,
+        "module_dropout": 0.0,
+        "bias": "none",
+        "coft": False,
+        "eps": 6e-05,
+        "block_share": cfg.block_share,
+        "use_cayley_neumann": cfg.cayley == "neumann",
+        "num_cayley_neumann_terms": cfg.neumann_terms,
+    }
 
 
 def method_config(peft: dict, where: str = "adapter") -> MethodConfig:
@@ -82,8 +119,10 @@ def method_config(peft: dict, where: str = "adapter") -> MethodConfig:
     except UserInputError:
         raise
     except (TypeError, ValueError, KeyError, AttributeError, OverflowError) as exc:
-        raise UserInputError(f"{where}: {CONFIG_FILE} has a missing field or one of the wrong type "
-                             f"({type(exc).__name__}: {str(exc)[:120]}): re-save the adapter") from None
+        raise UserInputError(
+            f"{where}: {CONFIG_FILE} has a missing field or one of the wrong type "
+            f"({type(exc).__name__}: {str(exc)[:120]}): re-save the adapter"
+        ) from None
 
 
 def _method_config(peft: dict, where: str) -> MethodConfig:
@@ -91,20 +130,33 @@ def _method_config(peft: dict, where: str) -> MethodConfig:
     cayley = "neumann" if peft.get("use_cayley_neumann") else "exact"
     if kind == "PSOFT":
         return PsoftConfig(
-            rank=int(peft["r"]), alpha=float(peft.get("psoft_alpha", peft["r"])),
-            init=str(peft.get("ab_svd_init", "psoft_init")).removesuffix("_init"), svd=peft.get("psoft_svd", "full"),
-            niter=int(peft.get("psoft_svd_lowrank_niter", 10)), seed=int(peft.get("random_seed", 0)), cayley=cayley,
-            neumann_terms=int(peft.get("num_cayley_neumann_terms", 5)), neumann_eps=peft.get("cayley_neumann_eps"),
-            vector_a=bool(peft.get("psoft_mag_a", True)), vector_b=bool(peft.get("psoft_mag_b", True)),
-            orth=bool(peft.get("psoft_orth", True)), dropout=float(peft.get("psoft_dropout", 0.0)))
+            rank=int(peft["r"]),
+            alpha=float(peft.get("psoft_alpha", peft["r"])),
+            init=str(peft.get("ab_svd_init", "psoft_init")).removesuffix("_init"),
+            svd=peft.get("psoft_svd", "full"),
+            niter=int(peft.get("psoft_svd_lowrank_niter", 10)),
+            seed=int(peft.get("random_seed", 0)),
+            cayley=cayley,
+            neumann_terms=int(peft.get("num_cayley_neumann_terms", 5)),
+            neumann_eps=peft.get("cayley_neumann_eps"),
+            vector_a=bool(peft.get("psoft_mag_a", True)),
+            vector_b=bool(peft.get("psoft_mag_b", True)),
+            orth=bool(peft.get("psoft_orth", True)),
+            dropout=float(peft.get("psoft_dropout", 0.0)),
+        )
     if kind == "OFT":
         if peft.get("coft"):
             raise UserInputError(f"{where}: constrained OFT (coft=true) is not supported: retrain with coft=false")
         if not peft.get("oft_block_size"):
-            raise UserInputError(f"{where}: OFT adapters sized by r (blocks per layer) are not supported: use oft_block_size")
-        return OftConfig(block_size=int(peft["oft_block_size"]), cayley=cayley,
-                         neumann_terms=int(peft.get("num_cayley_neumann_terms", 5)),
-                         block_share=bool(peft.get("block_share", False)))
+            raise UserInputError(
+                f"{where}: OFT adapters sized by r (blocks per layer) are not supported: use oft_block_size"
+            )
+        return OftConfig(
+            block_size=int(peft["oft_block_size"]),
+            cayley=cayley,
+            neumann_terms=int(peft.get("num_cayley_neumann_terms", 5)),
+            block_share=bool(peft.get("block_share", False)),
+        )
     raise UserInputError(f"{where} is a {kind or 'unknown'} adapter: psoft-export reads PSOFT and OFT adapters only")
 
 
@@ -170,8 +222,14 @@ def peft_psoft_form(layer: PsoftLinear, name: str) -> tuple[Optional[dict[str, t
     O, A_peft, B_peft = peft_basis_change(layer)
     tensors = _conjugate(layer, O)
     if tensors is None:
-        return None, float("inf"), (f"{name}: PEFT's SVD picks another basis of this subspace (near-equal singular "
-                                    "values) and the trained scaling vectors cannot be carried into it")
+        return (
+            None,
+            float("inf"),
+            (
+                f"{name}: PEFT's SVD picks another basis of this subspace (near-equal singular "
+                "values) and the trained scaling vectors cannot be carried into it"
+            ),
+        )
     W = weight_out_in(layer.base_layer).detach().double()
     ours = layer.delta_weight().double()
     theirs = _peft_delta(layer, tensors, A_peft, B_peft).double()
@@ -207,23 +265,41 @@ def peft_tensors(layers: dict[str, nn.Module]) -> tuple[Optional[dict[str, torch
             sign = -1.0 if layer.config.cayley == "exact" else 1.0  # PEFT's exact OFT is cayley(-Q)
             out[f"{PREFIX}{name}.oft_R.weight"] = sign * layer.q.detach()
     faithful = worst <= PEFT_FAITHFUL_RTOL
-    report = {"faithful": faithful, "rel_err": worst if math.isfinite(worst) else None, "worst": worst_name,
-              "tolerance": PEFT_FAITHFUL_RTOL, "reason": None if faithful else worst_reason, "svds": svds,
-              "seconds": round(time.perf_counter() - t0, 3)}
+    report = {
+        "faithful": faithful,
+        "rel_err": worst if math.isfinite(worst) else None,
+        "worst": worst_name,
+        "tolerance": PEFT_FAITHFUL_RTOL,
+        "reason": None if faithful else worst_reason,
+        "svds": svds,
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
     return (out if faithful else None), report
 
 
 def _finite(tensors: dict[str, torch.Tensor], where: str) -> None:
     for key, t in tensors.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise UserInputError(f"{where}: {key} holds NaN or Inf values: the adapter is damaged; retrain or "
-                                 "restore it from a checkpoint")
+            raise UserInputError(
+                f"{where}: {key} holds NaN or Inf values: the adapter is damaged; retrain or "
+                "restore it from a checkpoint"
+            )
 
 
 # ---------------------------------------------------------------- write
 
-def save_adapter(out_dir: Path, model: nn.Module, cfg: MethodConfig, *, base_model: str, task: str = "causal",
-                 classes: Optional[list] = None, heads: Optional[list[str]] = None, extra: Optional[dict] = None) -> dict:
+
+def save_adapter(
+    out_dir: Path,
+    model: nn.Module,
+    cfg: MethodConfig,
+    *,
+    base_model: str,
+    task: str = "causal",
+    classes: Optional[list] = None,
+    heads: Optional[list[str]] = None,
+    extra: Optional[dict] = None,
+) -> dict:
     """Write the adapter files of ``model`` (which carries injected layers) into the existing ``out_dir``.
 
     Always: ``psoft_export.safetensors`` (our tensors and the heads) and ``psoft_export.json`` (which also holds
@@ -239,15 +315,27 @@ def save_adapter(out_dir: Path, model: nn.Module, cfg: MethodConfig, *, base_mod
     for head in heads:
         for p_name, t in model.get_submodule(head).state_dict().items():
             head_state[f"{PREFIX}{head}.{p_name}"] = t.detach().contiguous()
-    ours = {f"{n}.{p}": t.detach().contiguous() for n, l in layers.items() for p, t in l.named_parameters(recurse=False)}
+    ours = {
+        f"{n}.{p}": t.detach().contiguous() for n, l in layers.items() for p, t in l.named_parameters(recurse=False)
+    }
     _finite({**ours, **head_state}, str(out_dir))
     peft, report = peft_tensors(layers)
     fan = any(is_fan_in_fan_out(l.base_layer) for l in layers.values())
     task_type = "SEQ_CLS" if task == "classify" else "CAUSAL_LM"
     config = peft_config(cfg, sorted({n.rsplit(".", 1)[-1] for n in layers}), fan, task_type, heads, base_model)
-    meta = {"format": FORMAT, "method": "psoft" if isinstance(cfg, PsoftConfig) else "oft", "config": cfg.to_dict(),
-            "targets": list(layers), "task": task, "classes": classes, "heads": heads, "peft_config": config,
-            "peft_form": report, "versions": {"psoft_export": __version__, "torch": torch.__version__}, **(extra or {})}
+    meta = {
+        "format": FORMAT,
+        "method": "psoft" if isinstance(cfg, PsoftConfig) else "oft",
+        "config": cfg.to_dict(),
+        "targets": list(layers),
+        "task": task,
+        "classes": classes,
+        "heads": heads,
+        "peft_config": config,
+        "peft_form": report,
+        "versions": {"psoft_export": __version__, "torch": torch.__version__},
+        **(extra or {}),
+    }
     atomic_file(out_dir / OURS_FILE, lambda p: save_file({**ours, **head_state}, str(p), metadata={"format": FORMAT}))
     if peft is not None:
         tensors = {**{k: v.contiguous() for k, v in peft.items()}, **head_state}
@@ -263,6 +351,7 @@ def save_adapter(out_dir: Path, model: nn.Module, cfg: MethodConfig, *, base_mod
 
 # ---------------------------------------------------------------- read
 
+
 def read_meta(adapter_dir: Path) -> Optional[dict]:
     """``psoft_export.json`` (our adapters) or ``None`` (a PEFT directory)."""
     path = Path(adapter_dir) / META_FILE
@@ -273,8 +362,10 @@ def read_meta(adapter_dir: Path) -> Optional[dict]:
     except ValueError as exc:
         raise UserInputError(f"{path} is not valid JSON ({exc}): re-save the adapter (train --resume)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or not _meta_is_well_formed(meta):
-        raise UserInputError(f"{path} is not a well-formed psoft-export adapter record (format {FORMAT}; targets, "
-                             "task, classes, heads, hashes of the right types): re-save the adapter (train --resume)")
+        raise UserInputError(
+            f"{path} is not a well-formed psoft-export adapter record (format {FORMAT}; targets, "
+            "task, classes, heads, hashes of the right types): re-save the adapter (train --resume)"
+        )
     return meta
 
 
@@ -286,17 +377,34 @@ def _meta_is_well_formed(meta: dict) -> bool:
     """The fields our readers use, with their types (everything else in the record is informational)."""
     weights = meta.get("base_weights")
     classes = meta.get("classes")
-    return (_is_str_list(meta.get("targets")) and bool(meta["targets"])
-            and meta.get("task") in ("causal", "completion", "classify")
-            and meta.get("method") in ("psoft", "oft") and isinstance(meta.get("config"), dict)
-            and (classes is None or (isinstance(classes, list) and len(classes) >= 2
-                                     and all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in classes)))
-            and _is_str_list(meta.get("heads", []))
-            and (meta.get("peft_config") is None or isinstance(meta["peft_config"], dict))
-            and (meta.get("peft_sha256") is None or isinstance(meta["peft_sha256"], str))
-            and (weights is None or (isinstance(weights, dict) and all(
-                isinstance(w, dict) and isinstance(w.get("key"), str) and isinstance(w.get("sha256"), str)
-                for w in weights.values()))))
+    return (
+        _is_str_list(meta.get("targets"))
+        and bool(meta["targets"])
+        and meta.get("task") in ("causal", "completion", "classify")
+        and meta.get("method") in ("psoft", "oft")
+        and isinstance(meta.get("config"), dict)
+        and (
+            classes is None
+            or (
+                isinstance(classes, list)
+                and len(classes) >= 2
+                and all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in classes)
+            )
+        )
+        and _is_str_list(meta.get("heads", []))
+        and (meta.get("peft_config") is None or isinstance(meta["peft_config"], dict))
+        and (meta.get("peft_sha256") is None or isinstance(meta["peft_sha256"], str))
+        and (
+            weights is None
+            or (
+                isinstance(weights, dict)
+                and all(
+                    isinstance(w, dict) and isinstance(w.get("key"), str) and isinstance(w.get("sha256"), str)
+                    for w in weights.values()
+                )
+            )
+        )
+    )
 
 
 def read_config(adapter_dir: Path) -> dict:
@@ -309,20 +417,28 @@ def read_config(adapter_dir: Path) -> dict:
         try:
             config = json.loads((adapter_dir / CONFIG_FILE).read_text())
         except ValueError as exc:
-            raise UserInputError(f"{adapter_dir / CONFIG_FILE} is not valid JSON ({exc}): re-save the adapter") from None
+            raise UserInputError(
+                f"{adapter_dir / CONFIG_FILE} is not valid JSON ({exc}): re-save the adapter"
+            ) from None
     else:
         meta = read_meta(adapter_dir)
         if meta is None or not isinstance(meta.get("peft_config"), dict):
-            raise UserInputError(f"{adapter_dir} is not an adapter directory (no {CONFIG_FILE}): pass the directory "
-                                 "'train' wrote")
+            raise UserInputError(
+                f"{adapter_dir} is not an adapter directory (no {CONFIG_FILE}): pass the directory 'train' wrote"
+            )
         config = meta["peft_config"]
     if not isinstance(config, dict):
         raise UserInputError(f"{adapter_dir / CONFIG_FILE} is not a JSON object: re-save the adapter")
     heads, task, targets = config.get("modules_to_save"), config.get("task_type"), config.get("target_modules")
-    if not ((heads is None or _is_str_list(heads)) and (task is None or isinstance(task, str))
-            and (targets is None or isinstance(targets, str) or _is_str_list(targets))):
-        raise UserInputError(f"{adapter_dir / CONFIG_FILE}: modules_to_save, task_type or target_modules has the "
-                             "wrong type: re-save the adapter")
+    if not (
+        (heads is None or _is_str_list(heads))
+        and (task is None or isinstance(task, str))
+        and (targets is None or isinstance(targets, str) or _is_str_list(targets))
+    ):
+        raise UserInputError(
+            f"{adapter_dir / CONFIG_FILE}: modules_to_save, task_type or target_modules has the "
+            "wrong type: re-save the adapter"
+        )
     return config
 
 
@@ -340,7 +456,7 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 def _targets_from_keys(keys, module_key: str) -> list[str]:
     marker = f".{module_key}."
-    names = {k[len(PREFIX):k.index(marker)] for k in keys if marker in k and k.startswith(PREFIX)}
+    names = {k[len(PREFIX) : k.index(marker)] for k in keys if marker in k and k.startswith(PREFIX)}
     return sorted(names)
 
 
@@ -350,8 +466,10 @@ def _check_peft_file(adapter_dir: Path, meta: dict) -> None:
     path = adapter_dir / WEIGHTS_FILE
     expected = meta.get("peft_sha256")
     if path.is_file() and expected is not None and file_sha256(path) != expected:
-        raise UserInputError(f"{path} is not the file psoft-export wrote (its sha256 differs from "
-                             f"{META_FILE}): PEFT would load another adapter; re-save it (train --resume) or remove it")
+        raise UserInputError(
+            f"{path} is not the file psoft-export wrote (its sha256 differs from "
+            f"{META_FILE}): PEFT would load another adapter; re-save it (train --resume) or remove it"
+        )
 
 
 class StoredAdapter(NamedTuple):
@@ -390,8 +508,12 @@ def read_adapter(adapter_dir: Path, model: nn.Module, model_dir: Optional[Path] 
     _check_targets_exist(model, targets, adapter_dir)
     factors = None
     if meta is not None and model_dir is not None and meta.get("base_weights"):
-        check_weights(model_dir, meta["base_weights"], f"adapter {adapter_dir}",
-                      "it was trained on another model; pass the base model it was trained on")
+        check_weights(
+            model_dir,
+            meta["base_weights"],
+            f"adapter {adapter_dir}",
+            "it was trained on another model; pass the base model it was trained on",
+        )
     if meta is not None and isinstance(cfg, PsoftConfig):
         decomposition = Decomposition.load(adapter_dir / DECOMPOSITION_DIR)
         if model_dir is not None:
@@ -421,7 +543,9 @@ def adapter_layer(stored: StoredAdapter, name: str, base: nn.Module) -> nn.Modul
     injects there, built alone (a streamed export folds one weight at a time with it)."""
     if isinstance(stored.config, PsoftConfig):
         if stored.factors is not None and name not in stored.factors:
-            raise UserInputError(f"the decomposition has no factors for {name}: re-run decompose with the same --targets")
+            raise UserInputError(
+                f"the decomposition has no factors for {name}: re-run decompose with the same --targets"
+            )
         factors = stored.factors[name] if stored.factors is not None else None
         layer = PsoftLinear(base, stored.config, factors, name=name)
     else:
@@ -443,7 +567,11 @@ def _head_source(adapter_dir: Path, ours: Optional[dict[str, torch.Tensor]] = No
 def head_tensors(adapter_dir: Path, head: str) -> dict[str, torch.Tensor]:
     """The saved tensors of whole module ``head`` (PEFT keys), e.g. a classifier copied into a LoRA directory."""
     tensors = _head_source(adapter_dir)
-    return {k: v for k, v in tensors.items() if k.startswith(PREFIX) and (f".{head}." in k or k.startswith(f"{PREFIX}{head}."))}
+    return {
+        k: v
+        for k, v in tensors.items()
+        if k.startswith(PREFIX) and (f".{head}." in k or k.startswith(f"{PREFIX}{head}."))
+    }
 
 
 def saved_labels(adapter_dir: Path) -> int:
@@ -502,14 +630,18 @@ def _load_peft(layers: dict[str, nn.Module], tensors: dict[str, torch.Tensor], a
                 _copy(getattr(layer, attr), tensors[f"{PREFIX}{name}.psoft_R.{attr}"], f"{name}.psoft_R.{attr}")
 
 
-def head_state(model: nn.Module, tensors: dict[str, torch.Tensor], heads: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+def head_state(
+    model: nn.Module, tensors: dict[str, torch.Tensor], heads: list[str]
+) -> dict[str, dict[str, torch.Tensor]]:
     """``{module name in model: its saved state dict}`` of the saved whole modules ``heads`` (a head name matches a
     module of that name or ending in ``.name``); modules with nothing saved are left out."""
     out = {}
     for head in heads:
         for name, _ in model.named_modules():
             if name == head or name.endswith(f".{head}"):
-                state = {k[len(PREFIX) + len(name) + 1:]: v for k, v in tensors.items() if k.startswith(f"{PREFIX}{name}.")}
+                state = {
+                    k[len(PREFIX) + len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{PREFIX}{name}.")
+                }
                 if state:
                     out[name] = state
     return out
@@ -520,4 +652,6 @@ def _load_heads(model: nn.Module, tensors: dict[str, torch.Tensor], heads: list[
         try:
             model.get_submodule(name).load_state_dict(state)
         except RuntimeError as exc:
-            raise UserInputError(f"{adapter_dir}: saved head {name} does not fit this model ({str(exc).splitlines()[0]})") from None
+            raise UserInputError(
+                f"{adapter_dir}: saved head {name} does not fit this model ({str(exc).splitlines()[0]})"
+            ) from None

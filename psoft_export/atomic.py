@@ -17,7 +17,6 @@ from typing import Callable, Iterable, Iterator, Optional
 
 from psoft_export.errors import UserInputError, raise_pending
 
-
 MARKER = ".psoft-export"  # every output directory this tool writes holds it; --overwrite replaces only those
 
 
@@ -33,10 +32,14 @@ def check_output_dir(path: Path, overwrite: bool, inputs: Iterable[Optional[Path
     check_overlap(path, inputs)
     if path.is_dir() and any(path.iterdir()):
         if not overwrite:
-            raise UserInputError(f"output directory {path} already exists and is not empty: choose another -o or pass --overwrite")
+            raise UserInputError(
+                f"output directory {path} already exists and is not empty: choose another -o or pass --overwrite"
+            )
         if not (path / MARKER).is_file():
-            raise UserInputError(f"--overwrite: {path} was not written by psoft-export (no {MARKER} marker), so it is "
-                                 "not replaced: choose another -o or remove it yourself")
+            raise UserInputError(
+                f"--overwrite: {path} was not written by psoft-export (no {MARKER} marker), so it is "
+                "not replaced: choose another -o or remove it yourself"
+            )
 
 
 def check_overlap(path: Path, inputs: Iterable[Optional[Path]]) -> None:
@@ -75,8 +78,10 @@ def output_lock(path: Path) -> Iterator[None]:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise UserInputError(f"{path} is being written by another psoft-export run (pid {holder}): wait for it "
-                                 "to finish or choose another -o") from None
+            raise UserInputError(
+                f"{path} is being written by another psoft-export run (pid {holder}): wait for it "
+                "to finish or choose another -o"
+            ) from None
         try:
             same = os.fstat(fd).st_ino == os.stat(lock).st_ino  # not unlinked by the previous holder meanwhile
         except FileNotFoundError:
@@ -96,8 +101,9 @@ def output_lock(path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: Path, overwrite: bool = False, inputs: Iterable[Optional[Path]] = (),
-                      command: str = "") -> Iterator[Path]:
+def atomic_output_dir(
+    path: Path, overwrite: bool = False, inputs: Iterable[Optional[Path]] = (), command: str = ""
+) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; on success it replaces ``path``, on any error it is removed.
 
     The output is locked for the duration (:func:`output_lock`) and checked by :func:`check_output_dir`.
@@ -129,8 +135,12 @@ def _atomic_dir(path: Path) -> Iterator[Path]:
         raise
 
 
-STORAGE_ERRNOS = {errno.ENOSPC: "No space left on device", errno.EROFS: "Read-only file system",
-                  errno.EACCES: "Permission denied", errno.EDQUOT: "Disk quota exceeded"}
+STORAGE_ERRNOS = {
+    errno.ENOSPC: "No space left on device",
+    errno.EROFS: "Read-only file system",
+    errno.EACCES: "Permission denied",
+    errno.EDQUOT: "Disk quota exceeded",
+}
 
 
 def storage_failure(exc: BaseException) -> Optional[str]:

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from psoft_export.errors import UserInputError
+from psoft_export.stored import StoredMatrix, unmap_freed_tensors  # noqa: F401  (unmap: re-exported)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -22,8 +21,15 @@ PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "mod
 
 def st_dtype(name: str) -> torch.dtype | None:
     return {
-        "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+        "F64": torch.float64,
+        "F32": torch.float32,
+        "F16": torch.float16,
+        "BF16": torch.bfloat16,
+        "I64": torch.int64,
+        "I32": torch.int32,
+        "I16": torch.int16,
+        "I8": torch.int8,
+        "U8": torch.uint8,
         "BOOL": torch.bool,
     }.get(name)
 
@@ -70,7 +76,8 @@ class ModelSource:
         if any((self.dir / p).exists() for p in PICKLED):
             raise UserInputError(
                 f"{self.dir} holds only pickled weights (.bin/.pt), which can run code when loaded: "
-                "convert them to safetensors first (train, merge and verify accept --allow-pickle, loading with weights_only=True)"
+                "convert them to safetensors first (train, merge and verify accept --allow-pickle, loading with "
+                "weights_only=True)"
             )
         raise UserInputError(f"no safetensors weights in {self.dir} (expected {SINGLE} or {INDEX})")
 
@@ -92,7 +99,7 @@ class ModelSource:
         file, _, _, offset, nbytes = self._meta[key]
         return self.dir / file, offset, nbytes
 
-    def matrix(self, key: str) -> "StoredMatrix":
+    def matrix(self, key: str) -> StoredMatrix:
         """The 2-D tensor ``key`` left in its file, read a slab of rows (or columns) at a time."""
         file, shape, dtype_name, offset, nbytes = self._meta[key]
         dtype = st_dtype(dtype_name)
@@ -135,134 +142,13 @@ class ModelSource:
         raise UserInputError(f"{self.dir} has no tensor {candidates[0]}: the checkpoint does not match its config")
 
 
-_RAW = {1: (np.int8, torch.int8), 2: (np.int16, torch.int16), 4: (np.int32, torch.int32), 8: (np.int64, torch.int64)}
-STREAM_BYTES = 16 << 20  # what one read of StoredMatrix.stats holds (about)
-BAND_BYTES = 4 << 20  # the float64 working copy of one band of a StoredMatrix product
-
-
-class StoredMatrix:
-    """A 2-D tensor in a safetensors file, never loaded whole: a view of the stored matrix (or, after ``.T``, of its
-    transpose) whose products read bands of rows into fresh aligned tensors of the stored dtype. This is what
-    lets the exact subspace of a weight run in memory proportional to its Gram matrix rather than to the weight
-    (:func:`psoft_export.subspace.gram_subspace` takes it wherever it takes a tensor: it calls :meth:`gram`,
-    :meth:`apply` and :meth:`apply_t`, each one pass over the file)."""
-
-    ndim = 2
-    device = torch.device("cpu")
-
-    def __init__(self, path: Path, offset: int, stored: tuple[int, int], dtype: torch.dtype,
-                 transposed: bool = False) -> None:
-        self.path, self.offset, self.stored, self.dtype, self.transposed = path, offset, tuple(stored), dtype, transposed
-        self.shape = torch.Size(self.stored[::-1] if transposed else self.stored)
-
-    @property
-    def T(self) -> "StoredMatrix":
-        return StoredMatrix(self.path, self.offset, self.stored, self.dtype, not self.transposed)
-
-    def is_floating_point(self) -> bool:
-        return self.dtype.is_floating_point
-
-    def _read(self, start: int, stop: int) -> torch.Tensor:
-        """Stored rows ``start:stop``: one read straight into a fresh (aligned) tensor."""
-        cols = self.stored[1]
-        out = torch.empty(stop - start, cols, dtype=self.dtype)
-        size = out.element_size()
-        with open(self.path, "rb") as f:
-            f.seek(self.offset + start * cols * size)
-            f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
-        return out
-
-    def _bands(self):
-        """Bands of stored rows whose float64 working copy is about :data:`BAND_BYTES`."""
-        rows, cols = self.stored
-        step = max(1, BAND_BYTES // (8 * max(cols, 1)))
-        for start in range(0, rows, step):
-            stop = min(start + step, rows)
-            yield slice(start, stop), self._read(start, stop)
-
-    def load(self) -> torch.Tensor:
-        """The whole matrix (this view), for the rare paths that need it."""
-        whole = self._read(0, self.stored[0])
-        return whole.T.contiguous() if self.transposed else whole
-
-    # The products the exact subspace needs (:func:`psoft_export.subspace.gram_subspace`), in float64, each a pass
-    # over contiguous bands of stored rows; only the Gram matrix of a transposed view reads columns.
-    def apply(self, X: torch.Tensor) -> torch.Tensor:
-        """``self @ X`` in float64."""
-        if not self.transposed:
-            return torch.cat([band.double() @ X for _, band in self._bands()])
-        out = torch.zeros(self.shape[0], X.shape[1], dtype=torch.float64)
-        for sl, band in self._bands():
-            out.addmm_(band.double().T, X[sl])
-        return out
-
-    def apply_t(self, Y: torch.Tensor) -> torch.Tensor:
-        """``self^T @ Y`` in float64."""
-        return self.T.apply(Y)
-
-    def gram(self, dtype: torch.dtype) -> torch.Tensor:
-        """``self^T self`` in ``dtype``, accumulated band by band (each band upcast on its own)."""
-        rows, cols = self.stored
-        if not self.transposed:
-            G = torch.zeros(cols, cols, dtype=dtype)
-            for _, band in self._bands():
-                X = band.to(dtype)
-                G.addmm_(X.T, X)
-            return G
-        # self^T self = S S^T: bands of stored columns, one short read per stored row (os.preadv into the band),
-        # bands of about STREAM_BYTES: this pass runs before the eigendecomposition, whose 4 n^2 is the peak.
-        np_raw, torch_raw = _RAW[torch.empty(0, dtype=self.dtype).element_size()]
-        size = torch.empty(0, dtype=self.dtype).element_size()
-        G = torch.zeros(rows, rows, dtype=dtype)
-        step = max(1, STREAM_BYTES // (size * max(rows, 1)))
-        fd = os.open(self.path, os.O_RDONLY)
-        try:
-            for start in range(0, cols, step):
-                stop = min(start + step, cols)
-                band = torch.empty(rows, stop - start, dtype=self.dtype)
-                raw = band.view(torch_raw).numpy()
-                for i in range(rows):
-                    os.preadv(fd, [memoryview(raw[i]).cast("B")], self.offset + (i * cols + start) * size)
-                X = band.to(dtype)
-                G.addmm_(X, X.T)
-        finally:
-            os.close(fd)
-        return G
-
-    def stats(self) -> tuple[str, bool, float]:
-        """One pass over the stored rows: ``(sha256 as sha256_of gives it, all finite, squared Frobenius norm)``."""
-        rows, cols = self.stored
-        h = hashlib.sha256(f"{self.dtype}|{tuple(self.stored)}|".encode())
-        finite, frob2 = True, 0.0
-        step = max(1, STREAM_BYTES // max(1, cols * torch.empty(0, dtype=self.dtype).element_size()))
-        for start in range(0, rows, step):
-            slab = self._read(start, min(start + step, rows))
-            h.update(slab.reshape(-1).view(torch.uint8).numpy())
-            finite = finite and bool(torch.isfinite(slab).all())
-            frob2 += float(slab.double().square().sum())
-        return h.hexdigest(), finite, frob2
-
-
-def unmap_freed_tensors() -> None:
-    """Have glibc serve every block of 1 MiB or more by ``mmap`` and unmap it on free. By default glibc raises its
-    mmap threshold to the largest block freed so far (up to 32 MiB), after which tensor-sized blocks come from the
-    heap and stay resident when freed: measured +77 MiB retained while streaming 9 MiB tensors, twice the working
-    set. Process-wide and harmless; a no-op where there is no ``mallopt`` (not glibc)."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixing it also stops the dynamic raise)
-    except (OSError, AttributeError):
-        pass
-
-
 def prefix_variants(name: str, base_prefix: str) -> list[str]:
     """``name`` as a base model and a task model may spell it: as given, then without or with the task model's
     ``base_model_prefix`` (``bert.``, ``transformer.``, ``model.``)."""
     if not base_prefix:
         return [name]
     if name.startswith(base_prefix + "."):
-        return [name, name[len(base_prefix) + 1:]]
+        return [name, name[len(base_prefix) + 1 :]]
     return [name, f"{base_prefix}.{name}"]
 
 
@@ -350,8 +236,10 @@ def load_tokenizer(model_dir: str | Path):
         return AutoTokenizer.from_pretrained(model_dir)  # never trust_remote_code
     except Exception as exc:  # tokenizers/transformers raise many types for a damaged file
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise UserInputError(f"cannot load the tokenizer of {model_dir} ({reason[:200]}): restore its tokenizer "
-                             "files (tokenizer.json, tokenizer_config.json) from the original model") from None
+        raise UserInputError(
+            f"cannot load the tokenizer of {model_dir} ({reason[:200]}): restore its tokenizer "
+            "files (tokenizer.json, tokenizer_config.json) from the original model"
+        ) from None
 
 
 def check_config_sizes(model_dir: str | Path, source: "ModelSource") -> None:
@@ -361,12 +249,16 @@ def check_config_sizes(model_dir: str | Path, source: "ModelSource") -> None:
     dims = {d for key in source.keys() for d in source.shape(key)}
     layers = getattr(config, "num_hidden_layers", None)
     if isinstance(layers, int) and layers > len(source.keys()):
-        raise UserInputError(f"{Path(model_dir) / 'config.json'} says num_hidden_layers={layers} but the checkpoint "
-                             f"holds only {len(source.keys())} tensors: the config does not match the weights")
+        raise UserInputError(
+            f"{Path(model_dir) / 'config.json'} says num_hidden_layers={layers} but the checkpoint "
+            f"holds only {len(source.keys())} tensors: the config does not match the weights"
+        )
     hidden = getattr(config, "hidden_size", None)
     if isinstance(hidden, int) and dims and hidden not in dims:
-        raise UserInputError(f"{Path(model_dir) / 'config.json'} says hidden_size={hidden} but no tensor of the "
-                             "checkpoint has that dimension: the config does not match the weights")
+        raise UserInputError(
+            f"{Path(model_dir) / 'config.json'} says hidden_size={hidden} but no tensor of the "
+            "checkpoint has that dimension: the config does not match the weights"
+        )
 
 
 def loading_kwargs(model_dir: str | Path, allow_pickle: bool = False) -> dict:
@@ -379,9 +271,13 @@ def loading_kwargs(model_dir: str | Path, allow_pickle: bool = False) -> dict:
     if allow_pickle and not any((model_dir / f).is_file() for f in (SINGLE, INDEX)):
         load_config(model_dir)
         if not any((model_dir / f).is_file() for f in PICKLED[:2]):  # what transformers' loader looks for
-            found = ", ".join(p.name for p in sorted(model_dir.glob("*.pt")) + sorted(model_dir.glob("*.bin"))) or "none"
-            raise UserInputError(f"{model_dir} has no pytorch_model.bin (or its index) for transformers to load "
-                                 f"(found: {found}): save the weights as model.safetensors or pytorch_model.bin")
+            found = (
+                ", ".join(p.name for p in sorted(model_dir.glob("*.pt")) + sorted(model_dir.glob("*.bin"))) or "none"
+            )
+            raise UserInputError(
+                f"{model_dir} has no pytorch_model.bin (or its index) for transformers to load "
+                f"(found: {found}): save the weights as model.safetensors or pytorch_model.bin"
+            )
         return {"use_safetensors": False, "trust_remote_code": False}
     check_config_sizes(model_dir, ModelSource(model_dir))
     return {"use_safetensors": True, "trust_remote_code": False}

@@ -63,12 +63,14 @@ def read_jsonl(path: str | Path) -> tuple[str, list[dict]]:
             raise UserInputError(f"{path}:{number}: invalid JSON ({exc.msg}): one JSON object per line") from None
         except (ValueError, RecursionError) as exc:  # 5000-digit integers, nesting deeper than Python's stack
             reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).splitlines()[0]
-            raise UserInputError(f"{path}:{number}: unreadable JSON ({reason}): one flat JSON object per line") from None
+            raise UserInputError(
+                f"{path}:{number}: unreadable JSON ({reason}): one flat JSON object per line"
+            ) from None
         if not isinstance(record, dict):
             raise UserInputError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         records.append((number, record))
     if not records:
-        raise UserInputError(f"{path} has no records: add lines like {{\"text\": \"...\"}}")
+        raise UserInputError(f'{path} has no records: add lines like {{"text": "..."}}')
     kind = _kind_of(path, *records[0])
     for number, record in records:
         _check_record(path, number, record, kind)
@@ -82,18 +84,18 @@ def _kind_of(path: Path, number: int, record: dict) -> str:
         if set(KINDS[kind]) <= keys:
             return kind
     raise UserInputError(
-        f"{path}:{number}: a record needs \"text\", \"prompt\"+\"completion\" or \"text\"+\"label\"; found {sorted(keys)}"
+        f'{path}:{number}: a record needs "text", "prompt"+"completion" or "text"+"label"; found {sorted(keys)}'
     )
 
 
 def _check_record(path: Path, number: int, record: dict, kind: str) -> None:
     for key in KINDS[kind]:
         if key not in record:
-            raise UserInputError(f"{path}:{number}: missing field \"{key}\" (the file's first record is {kind} data)")
+            raise UserInputError(f'{path}:{number}: missing field "{key}" (the file\'s first record is {kind} data)')
         if key != "label" and not isinstance(record[key], str):
-            raise UserInputError(f"{path}:{number}: field \"{key}\" must be a string, got {type(record[key]).__name__}")
+            raise UserInputError(f'{path}:{number}: field "{key}" must be a string, got {type(record[key]).__name__}')
     if kind != "classify" and "label" in record:
-        raise UserInputError(f"{path}:{number}: unexpected \"label\": the file's first record has none")
+        raise UserInputError(f'{path}:{number}: unexpected "label": the file\'s first record has none')
 
 
 def _check_labels(path: Path, kind: str, records: list[tuple[int, dict]]) -> None:
@@ -119,8 +121,10 @@ def class_names(records: list[dict]) -> list:
     if isinstance(labels[0], int):
         distinct = set(labels)
         if min(distinct) < 0 or max(distinct) >= max(2 * len(distinct), 2) + 64:
-            raise UserInputError(f"integer labels must be class ids 0..K-1, got {len(distinct)} distinct values from "
-                                 f"{min(distinct)} to {max(distinct)}: renumber them or use string labels")
+            raise UserInputError(
+                f"integer labels must be class ids 0..K-1, got {len(distinct)} distinct values from "
+                f"{min(distinct)} to {max(distinct)}: renumber them or use string labels"
+            )
         return list(range(max(labels) + 1))
     return sorted(set(labels))
 
@@ -152,7 +156,7 @@ def _pack(records: list[dict], tokenizer, seq_len: int) -> list[dict[str, torch.
         stream += tokenizer(record["text"], add_special_tokens=True)["input_ids"] + _eos(tokenizer)
     if len(stream) < 2:
         raise UserInputError("the data tokenizes to fewer than 2 tokens: add text")
-    blocks = [stream[i:i + seq_len] for i in range(0, len(stream), seq_len)]
+    blocks = [stream[i : i + seq_len] for i in range(0, len(stream), seq_len)]
     if len(blocks) > 1 and len(blocks[-1]) < 2:
         blocks.pop()
     return [{"input_ids": torch.tensor(b), "labels": torch.tensor(b)} for b in blocks]
@@ -164,9 +168,11 @@ def _completion_row(record: dict, tokenizer, seq_len: int, number: int = 0) -> d
     ids = (prompt + completion)[:seq_len]
     labels = ([IGNORE] * len(prompt) + completion)[:seq_len]
     if all(label == IGNORE for label in labels[1:]):  # the model shifts labels: position 0 is never predicted
-        raise UserInputError(f"record {number}: its prompt fills all {seq_len} tokens of --seq-len, so no completion "
-                             f"token would be trained (the loss would be NaN): raise --seq-len above {len(prompt)} "
-                             "or shorten the prompt")
+        raise UserInputError(
+            f"record {number}: its prompt fills all {seq_len} tokens of --seq-len, so no completion "
+            f"token would be trained (the loss would be NaN): raise --seq-len above {len(prompt)} "
+            "or shorten the prompt"
+        )
     return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
 
 
@@ -189,10 +195,12 @@ def batches(data: Dataset, batch_size: int, seed: int, epoch: int) -> list[list[
     """The row indices of each batch of ``epoch``: a seeded permutation, so a resumed run sees the same order."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     order = torch.randperm(len(data), generator=g).tolist()
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
 
 
-def iterate(data: Dataset, batch_size: int, seed: int, pad_id: int, start: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+def iterate(
+    data: Dataset, batch_size: int, seed: int, pad_id: int, start: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
     """Endless batches, epoch after epoch, starting at global batch index ``start``."""
     per_epoch = len(batches(data, batch_size, seed, 0))
     index = start

@@ -22,9 +22,11 @@ def ill_posed_warning(manifest: dict) -> str:
     names = manifest["ill_posed"]
     worst = max(names, key=lambda n: manifest["targets"][n]["f32_angle"])
     t = manifest["targets"][worst]
-    return (f"warning: {len(names)} of {len(manifest['targets'])} targets have s_r/s_r+1 too close to 1 at rank "
-            f"{manifest['rank']} (worst {worst}: {t['gap']:.5f}): another SVD, PEFT's included, may return another "
-            f"subspace (up to {t['f32_angle']:.1e} rad); the stored factors are exact and every load here uses them")
+    return (
+        f"warning: {len(names)} of {len(manifest['targets'])} targets have s_r/s_r+1 too close to 1 at rank "
+        f"{manifest['rank']} (worst {worst}: {t['gap']:.5f}): another SVD, PEFT's included, may return another "
+        f"subspace (up to {t['f32_angle']:.1e} rad); the stored factors are exact and every load here uses them"
+    )
 
 
 def format_table(manifest: dict) -> str:

@@ -25,13 +25,26 @@ from psoft_export import __version__
 from psoft_export.adapters.layout import is_fan_in_fan_out
 from psoft_export.adapters.surgery import Targets, select_targets
 from psoft_export.atomic import atomic_output_dir, check_output_dir
-from psoft_export.defaults import DEFAULT_NITER, DEFAULT_OVERSAMPLE
 from psoft_export.checkpoint import (
-    ModelSource, check_config_sizes, check_weights, file_sha256, prefix_variants, sha256_of, skeleton, unmap_freed_tensors,
+    ModelSource,
+    check_config_sizes,
+    check_weights,
+    file_sha256,
+    prefix_variants,
+    sha256_of,
+    skeleton,
+    unmap_freed_tensors,
 )
+from psoft_export.defaults import DEFAULT_NITER, DEFAULT_OVERSAMPLE
 from psoft_export.errors import UserInputError
+from psoft_export.plots import plot_spectra
 from psoft_export.subspace import (
-    INITS, SVD_BACKENDS, Subspace, check_rank, energy_fraction, principal_subspace, psoft_factors,
+    INITS,
+    SVD_BACKENDS,
+    Subspace,
+    check_rank,
+    principal_subspace,
+    psoft_factors,
 )
 
 FACTORS_FILE = "decomposition.safetensors"
@@ -55,7 +68,9 @@ class Decomposition:
         try:
             manifest = json.loads((path / MANIFEST_FILE).read_text())
         except FileNotFoundError:
-            raise UserInputError(f"{path} is not a decomposition directory (no {MANIFEST_FILE}): run decompose") from None
+            raise UserInputError(
+                f"{path} is not a decomposition directory (no {MANIFEST_FILE}): run decompose"
+            ) from None
         except ValueError as exc:
             raise UserInputError(f"{path / MANIFEST_FILE} is not valid JSON: {exc}") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
@@ -77,16 +92,20 @@ class Decomposition:
             if not path.is_file():
                 raise UserInputError(f"{path} is missing: the decomposition is incomplete; re-run decompose")
             if expected is not None and file_sha256(path) != expected:
-                raise UserInputError(f"{path} is not the file decompose wrote (its sha256 differs from the manifest): "
-                                     "the factors were edited or damaged; re-run decompose")
+                raise UserInputError(
+                    f"{path} is not the file decompose wrote (its sha256 differs from the manifest): "
+                    "the factors were edited or damaged; re-run decompose"
+                )
             try:
                 self._factors = load_file(path, device=device)
             except Exception as exc:  # safetensors raises several types for a damaged file
                 raise UserInputError(f"{path} is not a readable safetensors file ({exc}): re-run decompose") from None
         missing = [f"{n}.{p}" for n in self.targets for p in ("A", "B") if f"{n}.{p}" not in self._factors]
         if missing:
-            raise UserInputError(f"{self.path / FACTORS_FILE} has no {missing[0]} ({len(missing)} missing): "
-                                 "the decomposition is incomplete; re-run decompose")
+            raise UserInputError(
+                f"{self.path / FACTORS_FILE} has no {missing[0]} ({len(missing)} missing): "
+                "the decomposition is incomplete; re-run decompose"
+            )
         for key, t in self._factors.items():
             if not bool(torch.isfinite(t).all()):
                 raise UserInputError(f"{self.path / FACTORS_FILE}: {key} holds NaN or Inf values: re-run decompose")
@@ -113,21 +132,33 @@ class Decomposition:
 
     def check_source(self, model_dir: str | Path) -> None:
         """Refuse a model whose target weights are not the ones this decomposition was computed from."""
-        check_weights(model_dir, self.manifest["targets"], f"decomposition {self.path}",
-                      "re-run decompose on this model")
+        check_weights(
+            model_dir, self.manifest["targets"], f"decomposition {self.path}", "re-run decompose on this model"
+        )
 
 
 def _check_manifest(path: Path, m: dict) -> None:
     """The fields the readers rely on, with their types: a garbled manifest is one line, not a KeyError."""
     targets = m.get("targets")
-    ok = (isinstance(m.get("rank"), int) and not isinstance(m.get("rank"), bool) and m["rank"] > 0
-          and isinstance(m.get("alpha"), (int, float)) and math.isfinite(m["alpha"]) and m["alpha"] > 0
-          and isinstance(targets, dict) and targets
-          and all(isinstance(t, dict) and isinstance(t.get("key"), str) and isinstance(t.get("sha256"), str)
-                  for t in targets.values()))
+    ok = (
+        isinstance(m.get("rank"), int)
+        and not isinstance(m.get("rank"), bool)
+        and m["rank"] > 0
+        and isinstance(m.get("alpha"), (int, float))
+        and math.isfinite(m["alpha"])
+        and m["alpha"] > 0
+        and isinstance(targets, dict)
+        and targets
+        and all(
+            isinstance(t, dict) and isinstance(t.get("key"), str) and isinstance(t.get("sha256"), str)
+            for t in targets.values()
+        )
+    )
     if not ok:
-        raise UserInputError(f"{path / MANIFEST_FILE} is incomplete or damaged (rank, alpha or targets missing or of "
-                             "the wrong type): re-run decompose")
+        raise UserInputError(
+            f"{path / MANIFEST_FILE} is incomplete or damaged (rank, alpha or targets missing or of "
+            "the wrong type): re-run decompose"
+        )
 
 
 def resolve_device(device: str) -> str:
@@ -144,7 +175,7 @@ def target_kind(name: str) -> str:
     """``model.layers.3.self_attn.q_proj`` -> ``self_attn.q_proj``: the name with its layer index dropped."""
     parts = name.split(".")
     idx = [i for i, p in enumerate(parts) if p.isdigit()]
-    return ".".join(parts[idx[-1] + 1:]) if idx and idx[-1] + 1 < len(parts) else parts[-1]
+    return ".".join(parts[idx[-1] + 1 :]) if idx and idx[-1] + 1 < len(parts) else parts[-1]
 
 
 def plan(model_dir: Path, rank: int, targets: Targets) -> tuple[ModelSource, list[tuple[str, str, bool]]]:
@@ -158,8 +189,10 @@ def plan(model_dir: Path, rank: int, targets: Targets) -> tuple[ModelSource, lis
         key = source.resolve(name, prefix)
         dtype = source.dtype(key)
         if dtype not in FLOAT_DTYPES:
-            raise UserInputError(f"{key} has dtype {dtype}, not floating point: decompose needs float weights "
-                                 "(dequantize the model first)")
+            raise UserInputError(
+                f"{key} has dtype {dtype}, not floating point: decompose needs float weights "
+                "(dequantize the model first)"
+            )
         shape = source.shape(key)
         if len(shape) != 2:
             raise UserInputError(f"{key} has shape {shape}, expected a 2-D weight")
@@ -190,10 +223,11 @@ def decompose(
     """Compute and store the rank-``rank`` principal subspace of each target weight of ``model_dir``.
 
     ``svd="exact"`` (default, :func:`psoft_export.subspace.gram_subspace`) takes the float32 Gram matrix's
-    ``eigh`` and refines it in float64 until a computed bound puts it within 1e-7 rad of the exact subspace. ``svd="full"`` is ``torch.linalg.svd`` in float32 (PEFT's default);
-    ``svd="lowrank"`` runs ``torch.svd_lowrank`` with ``q = rank + oversample`` columns and ``niter`` power
-    iterations (``oversample=0, niter=10`` reproduces PEFT's ``psoft_svd="lowrank"`` bit for bit). ``alpha`` defaults to ``rank`` (``s = 1``). ``progress`` wraps the iterable of
-    targets (e.g. ``tqdm``).
+    ``eigh`` and refines it in float64 until a computed bound puts it within 1e-7 rad of the exact subspace; on
+    CPU the weight is read a band at a time from its file, never whole. ``svd="full"`` is ``torch.linalg.svd`` in
+    float32 (PEFT's default); ``svd="lowrank"`` runs ``torch.svd_lowrank`` with ``q = rank + oversample`` columns
+    and ``niter`` power iterations (``oversample=0, niter=10`` reproduces PEFT's ``psoft_svd="lowrank"`` bit for
+    bit). ``alpha`` defaults to ``rank`` (``s = 1``). ``progress`` wraps the iterable of targets (e.g. ``tqdm``).
     """
     model_dir = Path(model_dir)
     if not isinstance(rank, int) or rank <= 0:
@@ -215,7 +249,7 @@ def decompose(
     tensors: dict[str, torch.Tensor] = {}
     records: dict[str, dict] = {}
     start = time.perf_counter()
-    for name, key, fifo in (progress(jobs) if progress else jobs):
+    for name, key, fifo in progress(jobs) if progress else jobs:
         if svd == "exact" and device == "cpu":
             # Never loaded whole: hashed, checked and decomposed a slab at a time from the file, so the peak is
             # the Gram matrix's eigendecomposition, not the weight (docs/benchmarks.md, issue 11).
@@ -236,17 +270,29 @@ def decompose(
         tensors[f"{name}.S"] = spectrum.cpu().contiguous()
         kept = float(spectrum[:rank].double().square().sum())
         records[name] = {
-            "key": key, "file": source.file(key), "sha256": digest, "dtype": source.dtype(key),
-            "shape": [B.shape[0], A.shape[1]], "fan_in_fan_out": fifo,
-            "energy": kept / frob2 if frob2 > 0 else 1.0, **conditioning(spectrum, rank),
+            "key": key,
+            "file": source.file(key),
+            "sha256": digest,
+            "dtype": source.dtype(key),
+            "shape": [B.shape[0], A.shape[1]],
+            "fan_in_fan_out": fifo,
+            "energy": kept / frob2 if frob2 > 0 else 1.0,
+            **conditioning(spectrum, rank),
             "angle_bound": sub.angle_bound,
         }
     seconds = time.perf_counter() - start
     manifest = {
         "format": FORMAT,
         "source_model": str(model_dir.absolute()),
-        "rank": rank, "alpha": alpha, "init": init, "svd": svd, "niter": niter, "oversample": oversample,
-        "seed": seed, "device": device, "seconds": round(seconds, 3),
+        "rank": rank,
+        "alpha": alpha,
+        "init": init,
+        "svd": svd,
+        "niter": niter,
+        "oversample": oversample,
+        "seed": seed,
+        "device": device,
+        "seconds": round(seconds, 3),
         "targets": records,
         "kinds": summarize(records),
         "ill_posed": ill_posed(records),
@@ -258,7 +304,7 @@ def decompose(
         manifest["factors_sha256"] = file_sha256(tmp / FACTORS_FILE)  # edited factors are refused at load
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
         if plot:
-            plot_spectra(tensors, records, rank, tmp / PLOT_FILE)
+            plot_spectra(tensors, records, rank, tmp / PLOT_FILE, target_kind)
     return Decomposition(out_dir, manifest)
 
 
@@ -315,47 +361,25 @@ def summarize(records: dict[str, dict]) -> dict[str, dict]:
         if rec.get("gap") is not None:
             k.setdefault("gaps", []).append(rec["gap"])
     return {
-        kind: {"count": k["count"], "shapes": k["shapes"], "energy_mean": sum(k["energies"]) / k["count"],
-               "energy_min": min(k["energies"]), "gap_min": min(k["gaps"]) if k.get("gaps") else None}
+        kind: {
+            "count": k["count"],
+            "shapes": k["shapes"],
+            "energy_mean": sum(k["energies"]) / k["count"],
+            "energy_min": min(k["energies"]),
+            "gap_min": min(k["gaps"]) if k.get("gaps") else None,
+        }
         for kind, k in kinds.items()
     }
-
-
-def plot_spectra(tensors: dict, records: dict, rank: int, path: Path) -> None:
-    """Cumulative fraction of spectral energy vs. rank, one line per target kind (mean over layers)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
-    by_kind: dict[str, list[torch.Tensor]] = {}
-    for name, rec in records.items():
-        S2 = tensors[f"{name}.S"].double().square()
-        frob2 = float(S2[:rank].sum()) / rec["energy"] if rec["energy"] > 0 else 1.0
-        by_kind.setdefault(target_kind(name), []).append(S2.cumsum(0) / frob2)
-    for kind, curves in sorted(by_kind.items()):
-        n = min(len(c) for c in curves)
-        mean = torch.stack([c[:n] for c in curves]).mean(0)
-        ax.plot(range(1, n + 1), mean.numpy(), label=f"{kind} ({len(curves)})")
-    ax.axvline(rank, color="grey", linestyle="--", linewidth=1)
-    ax.text(rank, 0.02, f" r={rank}", color="grey")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("rank k")
-    ax.set_ylabel("fraction of spectral energy kept (sum of top-k σ² / ||W||²_F)")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    ax.set_title("Principal-subspace energy by target kind")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def _versions() -> dict[str, str]:
     import safetensors
     import transformers
 
-    return {"psoft_export": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "safetensors": safetensors.__version__, "python": platform.python_version()}
+    return {
+        "psoft_export": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "safetensors": safetensors.__version__,
+        "python": platform.python_version(),
+    }

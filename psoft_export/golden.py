@@ -26,14 +26,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "fixtures" / "models"
@@ -56,7 +58,8 @@ class Case:
 
 
 CASES = {
-    c.name: c for c in (
+    c.name: c
+    for c in (
         Case("llama-psoft", "llama", dict(method="psoft", rank=8, alpha=16.0), "train.jsonl"),
         Case("qwen2-psoft", "qwen2", dict(method="psoft", rank=8, alpha=4.0, cayley="neumann"), "train.jsonl"),
         Case("llama-oft", "llama", dict(method="oft", block_size=16), "train.jsonl"),
@@ -70,8 +73,11 @@ ALL_ROUTES = [(to, split) for to in ("safetensors", "onnx", "gguf") for split in
 # GGUF split without --lora-rank); a classification adapter's new head cannot ride an ONNX split export.
 EXCLUDED = {
     ("llama-oft", "gguf", True),
-    ("gpt2-psoft", "gguf", False), ("gpt2-psoft", "gguf", True),
-    ("bert-psoft", "gguf", False), ("bert-psoft", "gguf", True), ("bert-psoft", "onnx", True),
+    ("gpt2-psoft", "gguf", False),
+    ("gpt2-psoft", "gguf", True),
+    ("bert-psoft", "gguf", False),
+    ("bert-psoft", "gguf", True),
+    ("bert-psoft", "onnx", True),
 }
 ROUTES = [(case, to, split) for case in CASES for to, split in ALL_ROUTES if (case, to, split) not in EXCLUDED]
 
@@ -117,14 +123,13 @@ def tolerance(to: str, dtype: str = "float32") -> float:
 
 # ------------------------------------------------------------------------------------------ seeded adapters
 
+
 def build_adapter(case: Case, out: Path) -> None:
     """A deterministic adapter for ``case`` in ``out``: decompose (rank 8, no plot), one training step (for a
     classifier's head), then every generator and vector drawn from a seeded generator; only the adapter files
     and the decomposition are kept."""
-    import torch
 
     from psoft_export import adapter_io
-    from psoft_export.adapters import adapter_layers
     from psoft_export.decomposition import MANIFEST_FILE, decompose
     from psoft_export.train import TrainConfig, train
     from psoft_export.verify import reference_model
@@ -135,15 +140,23 @@ def build_adapter(case: Case, out: Path) -> None:
         scratch = Path(scratch)
         decomposition = None
         if cfg.method == "psoft":
-            decomposition = decompose(model_dir, scratch / "decomposition", cfg.rank, svd=cfg.svd, alpha=cfg.alpha,
-                                      seed=SEED, plot=False).path
+            decomposition = decompose(
+                model_dir, scratch / "decomposition", cfg.rank, svd=cfg.svd, alpha=cfg.alpha, seed=SEED, plot=False
+            ).path
         trained = scratch / "trained"
         train(model_dir, DATA / case.data, trained, cfg, decomposition=decomposition)
         model, kind, classes = reference_model(model_dir, trained)
         randomize(model, SEED, RANDOM_STD)
         heads = json.loads((trained / adapter_io.META_FILE).read_text())["heads"]
-        adapter_io.save_adapter(trained, model, cfg.method_config(), base_model=f"fixtures/models/{case.model}",
-                                task="classify" if kind == "classify" else "causal", classes=classes, heads=heads)
+        adapter_io.save_adapter(
+            trained,
+            model,
+            cfg.method_config(),
+            base_model=f"fixtures/models/{case.model}",
+            task="classify" if kind == "classify" else "causal",
+            classes=classes,
+            heads=heads,
+        )
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
@@ -158,6 +171,7 @@ def build_adapter(case: Case, out: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ structure
+
 
 def _safetensors_header(path: Path) -> dict:
     with open(path, "rb") as f:
@@ -192,8 +206,9 @@ def structure(export_dir: Path, to: str) -> dict[str, Any]:
                     out[f"{rel} tensor {name} dtype"] = info["dtype"]
                     out[f"{rel} tensor {name} shape"] = info["shape"]
             elif path.name == "config.json":
-                for k, v in _json_keys(path, ("architectures", "model_type", "dtype", "torch_dtype", "num_labels",
-                                              "id2label")).items():
+                for k, v in _json_keys(
+                    path, ("architectures", "model_type", "dtype", "torch_dtype", "num_labels", "id2label")
+                ).items():
                     out[f"{rel} config {k}"] = v
             elif rel == "lora/adapter_config.json":
                 for k, v in json.loads(path.read_text()).items():
@@ -234,6 +249,7 @@ def structure(export_dir: Path, to: str) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ outputs
 
+
 def _round(x: float) -> float:
     return float(f"{x:.{DIGITS}g}")
 
@@ -244,8 +260,12 @@ def summarize(array) -> dict:
 
     a = np.asarray(array, np.float64)
     flat = a.reshape(-1, a.shape[-1]) if a.ndim > 1 else a.reshape(1, -1)
-    return {"shape": list(a.shape), "max_abs": _round(float(np.abs(a).max())), "mean_abs": _round(float(np.abs(a).mean())),
-            "head": [[_round(float(v)) for v in row[:HEAD]] for row in flat]}
+    return {
+        "shape": list(a.shape),
+        "max_abs": _round(float(np.abs(a).max())),
+        "mean_abs": _round(float(np.abs(a).mean())),
+        "head": [[_round(float(v)) for v in row[:HEAD]] for row in flat],
+    }
 
 
 def run_outputs(export_dir: Path, model_dir: Path) -> dict[str, dict]:
@@ -275,23 +295,32 @@ def export(case: str, to: str, split: bool, out_dir: Path, verify: bool = False)
 
 
 def record(case: str, to: str, split: bool, export_dir: Path) -> dict:
-    return {"case": case, "route": route_name(to, split), "tolerance": tolerance(to),
-            "structure": structure(export_dir, to), "outputs": run_outputs(export_dir, MODELS / CASES[case].model)}
+    return {
+        "case": case,
+        "route": route_name(to, split),
+        "tolerance": tolerance(to),
+        "structure": structure(export_dir, to),
+        "outputs": run_outputs(export_dir, MODELS / CASES[case].model),
+    }
 
 
 # ------------------------------------------------------------------------------------------ comparison
 
+
 def _short(v: Any, limit: int = 120) -> str:
     s = json.dumps(v) if not isinstance(v, str) else v
-    return s if len(s) <= limit else s[:limit - 3] + "..."
+    return s if len(s) <= limit else s[: limit - 3] + "..."
 
 
 def _list_diff(key: str, old: list, new: list) -> str:
     if all(isinstance(x, str) for x in old + new):
         removed, added = [x for x in old if x not in new], [x for x in new if x not in old]
         if removed or added:
-            return (f"{key}:" + (f" removed {_short(removed)}" if removed else "")
-                    + (f" added {_short(added)}" if added else ""))
+            return (
+                f"{key}:"
+                + (f" removed {_short(removed)}" if removed else "")
+                + (f" added {_short(added)}" if added else "")
+            )
         i = next(i for i, (a, b) in enumerate(zip(old, new)) if a != b)
         return f"{key}: position {i} {old[i]} -> {new[i]}"
     return f"{key} {_short(old)} -> {_short(new)}"
@@ -345,7 +374,10 @@ def compare(golden: dict, got: dict, where: str, tol: float) -> list[str]:
         if isinstance(err, str):
             lines.append(f"golden drift: {where}: {name} {err}")
         elif not err <= tol:
-            lines.append(f"golden drift: {where}: {name} rel err {err:.1e} > {tol:.0e} ({_worst(golden['outputs'][name], got['outputs'][name])})")
+            lines.append(
+                f"golden drift: {where}: {name} rel err {err:.1e} > {tol:.0e} "
+                f"({_worst(golden['outputs'][name], got['outputs'][name])})"
+            )
     return lines
 
 
@@ -355,8 +387,10 @@ def _worst(old: dict, new: dict) -> str:
 
     o, n = np.asarray(old["head"], np.float64), np.asarray(new["head"], np.float64)
     row, col = np.unravel_index(int(np.abs(n - o).argmax()), o.shape)
-    return (f"worst at position {row} [{col}]: {o[row, col]:.6g} -> {n[row, col]:.6g}; "
-            f"max|x| {old['max_abs']:.6g} -> {new['max_abs']:.6g}")
+    return (
+        f"worst at position {row} [{col}]: {o[row, col]:.6g} -> {n[row, col]:.6g}; "
+        f"max|x| {old['max_abs']:.6g} -> {new['max_abs']:.6g}"
+    )
 
 
 def load_golden(case: str, to: str, split: bool) -> Optional[dict]:
@@ -368,16 +402,25 @@ def write_golden(case: str, to: str, split: bool, rec: dict) -> None:
     path = golden_path(case, to, split)
     path.parent.mkdir(parents=True, exist_ok=True)
     # one line per structure key / output row: reviewable diffs, small files
-    lines = ["{", f'  "case": {json.dumps(rec["case"])},', f'  "route": {json.dumps(rec["route"])},',
-             f'  "tolerance": {json.dumps(rec["tolerance"])},', '  "structure": {']
+    lines = [
+        "{",
+        f'  "case": {json.dumps(rec["case"])},',
+        f'  "route": {json.dumps(rec["route"])},',
+        f'  "tolerance": {json.dumps(rec["tolerance"])},',
+        '  "structure": {',
+    ]
     items = list(rec["structure"].items())
-    lines += [f"    {json.dumps(k)}: {json.dumps(v)}{',' if i < len(items) - 1 else ''}" for i, (k, v) in enumerate(items)]
+    lines += [
+        f"    {json.dumps(k)}: {json.dumps(v)}{',' if i < len(items) - 1 else ''}" for i, (k, v) in enumerate(items)
+    ]
     lines += ["  },", '  "outputs": {']
     outs = list(rec["outputs"].items())
     for i, (name, o) in enumerate(outs):
         lines.append(f"    {json.dumps(name)}: {{")
-        lines.append(f'      "shape": {json.dumps(o["shape"])}, "max_abs": {json.dumps(o["max_abs"])}, '
-                     f'"mean_abs": {json.dumps(o["mean_abs"])},')
+        lines.append(
+            f'      "shape": {json.dumps(o["shape"])}, "max_abs": {json.dumps(o["max_abs"])}, '
+            f'"mean_abs": {json.dumps(o["mean_abs"])},'
+        )
         lines.append('      "head": [')
         rows = o["head"]
         lines += [f"        {json.dumps(r)}{',' if j < len(rows) - 1 else ''}" for j, r in enumerate(rows)]
@@ -399,12 +442,15 @@ def describe_change(old: Optional[dict], new: dict, where: str) -> list[str]:
             lines.append(f"{where}: {name} {err}")
         elif err > 0:
             tol = tolerance(new["route"].split("-")[0])
-            lines.append(f"{where}: {name} max rel change {err:.1e}"
-                         + (f" (beyond tolerance {tol:.0e})" if err > tol else " (within tolerance)"))
+            lines.append(
+                f"{where}: {name} max rel change {err:.1e}"
+                + (f" (beyond tolerance {tol:.0e})" if err > tol else " (within tolerance)")
+            )
     return lines
 
 
 # ------------------------------------------------------------------------------------------ the command
+
 
 def _available(to: str) -> bool:
     if to != "gguf":
@@ -422,8 +468,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     mode.add_argument("--regenerate", action="store_true", help="rebuild the goldens, write them, print what changed")
     mode.add_argument("--check", action="store_true", help="compare with the goldens without writing; exit 1 on drift")
     parser.add_argument("--adapters", action="store_true", help="with --regenerate: rebuild the seeded adapters too")
-    parser.add_argument("--only", action="append", default=[], metavar="CASE[/ROUTE]",
-                        help="restrict to a case (llama-psoft) or route (llama-psoft/gguf-split); repeatable")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="CASE[/ROUTE]",
+        help="restrict to a case (llama-psoft) or route (llama-psoft/gguf-split); repeatable",
+    )
     args = parser.parse_args(argv)
     if args.adapters and not args.regenerate:
         parser.error("--adapters goes with --regenerate")
@@ -476,7 +527,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                 changes += lines
                 state = f"{len(lines)} change(s)" if lines else "unchanged"
             else:
-                lines = ["golden drift: " + where + ": no golden (run --regenerate)"] if old is None else compare(old, rec, where, tolerance(to))
+                lines = (
+                    ["golden drift: " + where + ": no golden (run --regenerate)"]
+                    if old is None
+                    else compare(old, rec, where, tolerance(to))
+                )
                 drift += lines
                 state = "DRIFT" if lines else "ok"
             print(f"[{i}/{len(routes)}] {where}: {state} ({time.monotonic() - t0:.1f} s)", flush=True)
@@ -484,8 +539,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                 print(f"    {line}", flush=True)
     took = f"{time.monotonic() - start:.0f} s"
     if args.regenerate:
-        print(f"\nregenerated {len(routes) - len(skipped) - len(refused)} golden(s) in {took}: "
-              + (f"{len(changes)} change(s):" if changes else "nothing changed"))
+        print(
+            f"\nregenerated {len(routes) - len(skipped) - len(refused)} golden(s) in {took}: "
+            + (f"{len(changes)} change(s):" if changes else "nothing changed")
+        )
         for line in changes:
             print(f"  {line}")
         if skipped:
@@ -493,7 +550,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         if refused:
             print(f"NOT recorded (export fails verification against PyTorch): {', '.join(refused)}")
         return 1 if refused else 0
-    print(f"\nchecked {len(routes) - len(skipped)} route(s) in {took}: " + (f"{len(drift)} drift(s)" if drift else "all match"))
+    print(
+        f"\nchecked {len(routes) - len(skipped)} route(s) in {took}: "
+        + (f"{len(drift)} drift(s)" if drift else "all match")
+    )
     return 1 if drift else 0
 
 

@@ -50,9 +50,7 @@ def check_rank(rank: int, out_features: int, in_features: int, where: str = "") 
         )
 
 
-def principal_subspace(
-    W: torch.Tensor, rank: int, *, svd: str = "exact", niter: int = 10, seed: int = 0
-) -> Subspace:
+def principal_subspace(W: torch.Tensor, rank: int, *, svd: str = "exact", niter: int = 10, seed: int = 0) -> Subspace:
     """Rank-``rank`` truncated SVD of ``W`` ``(out, in)``; factors in float32 (float64 stays float64).
 
     - ``exact`` (default): :func:`gram_subspace`, the smaller Gram matrix's ``eigh`` refined in float64 until a
@@ -179,8 +177,13 @@ def gram_subspace(W: torch.Tensor, rank: int, tol: float = ANGLE_TOL) -> Subspac
 def _finish(U, spectrum, Vh, dtype, bound) -> Subspace:
     out = torch.float64 if dtype == torch.float64 else torch.float32
     r = U.shape[1]
-    return Subspace(U.to(out).contiguous(), spectrum[:r].to(out).contiguous(), Vh.to(out).contiguous(),
-                    spectrum.to(out).contiguous(), bound)
+    return Subspace(
+        U.to(out).contiguous(),
+        spectrum[:r].to(out).contiguous(),
+        Vh.to(out).contiguous(),
+        spectrum.to(out).contiguous(),
+        bound,
+    )
 
 
 def psoft_factors(sub: Subspace, scaling: float, init: str = "psoft") -> tuple[torch.Tensor, torch.Tensor]:

@@ -98,5 +98,7 @@ def require(module: str):
     try:
         return importlib.import_module(module)
     except ImportError as exc:
-        pytest.fail(f"{module} is not installed ({exc}): install as the README says, "
-                    "pip install -c constraints-cpu.txt -e '.[cpu,test,llama]'")
+        pytest.fail(
+            f"{module} is not installed ({exc}): install as the README says, "
+            "pip install -c constraints-cpu.txt -e '.[cpu,test,llama]'"
+        )

@@ -30,8 +30,18 @@ def llama_cpp_source(cache: Path = CACHE) -> Path | None:
     if (root / "convert_hf_to_gguf.py").is_file():
         return root
     cache.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-           f"llama-cpp-python=={LLAMA_CPP_PYTHON}", "-d", str(cache)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-binary",
+        ":all:",
+        f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
+        "-d",
+        str(cache),
+    ]
     if subprocess.run(cmd, capture_output=True).returncode != 0:
         return None
     tarballs = sorted(cache.glob(f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"))
@@ -53,15 +63,24 @@ BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": Tr
 def _as_llama3(spec: dict, bos: str, bos_id: int) -> dict:
     """tokenizer.json of the GGUF rebuild, set up as Llama 3's: its Split regex, pure byte-level BPE."""
     spec["normalizer"] = None
-    spec["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-        {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False}, BYTE_LEVEL]}
+    spec["pre_tokenizer"] = {
+        "type": "Sequence",
+        "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": LLAMA3_SPLIT}, "behavior": "Isolated", "invert": False},
+            BYTE_LEVEL,
+        ],
+    }
     spec["decoder"] = dict(BYTE_LEVEL, add_prefix_space=True, use_regex=True)
     spec["model"].update(byte_fallback=False, ignore_merges=True, fuse_unk=False)
     spec["post_processor"] = {
         "type": "TemplateProcessing",
         "single": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
-        "pair": [{"SpecialToken": {"id": bos, "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}},
-                 {"SpecialToken": {"id": bos, "type_id": 1}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "pair": [
+            {"SpecialToken": {"id": bos, "type_id": 0}},
+            {"Sequence": {"id": "A", "type_id": 0}},
+            {"SpecialToken": {"id": bos, "type_id": 1}},
+            {"Sequence": {"id": "B", "type_id": 1}},
+        ],
         "special_tokens": {bos: {"id": bos, "ids": [bos_id], "tokens": [bos]}},
     }
     return spec
@@ -108,9 +127,16 @@ def tiny_llama3_dir(src: Path, out_dir: Path, seed: int = 0) -> Path:
     tok = llama3_tokenizer(src)
     check_llama3_tokenizer(src, tok)
     config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False,
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).eval()
@@ -126,8 +152,15 @@ def tiny_llama3_dir(src: Path, out_dir: Path, seed: int = 0) -> Path:
 def run_converter(src: Path, model_dir: Path, out_path: Path, outtype: str = "f32") -> None:
     """Run llama.cpp's ``convert_hf_to_gguf.py`` (with its bundled gguf-py) on ``model_dir``."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(src / "gguf-py"), str(src)]))
-    cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(model_dir),
-           "--outfile", str(out_path), "--outtype", outtype]
+    cmd = [
+        sys.executable,
+        str(src / "convert_hf_to_gguf.py"),
+        str(model_dir),
+        "--outfile",
+        str(out_path),
+        "--outtype",
+        outtype,
+    ]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"convert_hf_to_gguf.py failed:\n{result.stderr[-4000:]}")

@@ -37,8 +37,14 @@ def setup(model_name: str, cayley: str, share: bool, terms: int = 5):
     base = load_model(model_name)
     ours = load_model(model_name)
     layers = inject(ours, OftConfig(block_size=BLOCK, cayley=cayley, neumann_terms=terms, block_share=share))
-    cfg = OFTConfig(r=0, oft_block_size=BLOCK, target_modules="all-linear", block_share=share,
-                    use_cayley_neumann=cayley == "neumann", num_cayley_neumann_terms=terms)
+    cfg = OFTConfig(
+        r=0,
+        oft_block_size=BLOCK,
+        target_modules="all-linear",
+        block_share=share,
+        use_cayley_neumann=cayley == "neumann",
+        num_cayley_neumann_terms=terms,
+    )
     theirs = get_peft_model(peft_copy(base), cfg).eval()
     randomize(layers)
     return base, ours, layers, theirs
@@ -126,7 +132,9 @@ def test_merge_unmerge_round_trip(cayley):
     layer.merge()
     assert rel_err(layer(x), y) < 1e-6
     layer.unmerge()
-    assert rel_err(layer.base_layer.weight, W0) < 1e-6, "unmerge did not restore the weight (Neumann R is not orthogonal: inverse needed)"
+    assert rel_err(layer.base_layer.weight, W0) < 1e-6, (
+        "unmerge did not restore the weight (Neumann R is not orthogonal: inverse needed)"
+    )
 
 
 def test_geometry_preserved():
@@ -141,9 +149,12 @@ def test_block_size_that_does_not_divide_names_layer_and_fits():
     with pytest.raises(UserInputError, match=r"block size 5 does not divide in_features=16 of layer: try 2, 4, 8"):
         OftLinear(nn.Linear(16, 8), OftConfig(block_size=5))
     model = load_model("llama")
-    with pytest.raises(UserInputError, match=r"block size 24 does not divide the input size of 14 target layer\(s\): "
-                       r"model\.layers\.0\.self_attn\.q_proj \(in=64\), .* and 11 more; block sizes that fit every "
-                       r"target: 4, 8, 16, 32"):
+    with pytest.raises(
+        UserInputError,
+        match=r"block size 24 does not divide the input size of 14 target layer\(s\): "
+        r"model\.layers\.0\.self_attn\.q_proj \(in=64\), .* and 11 more; block sizes that fit every "
+        r"target: 4, 8, 16, 32",
+    ):
         inject(model, OftConfig(block_size=24))
 
 

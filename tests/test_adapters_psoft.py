@@ -11,7 +11,7 @@ from peft import get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from psoft_export.adapters import PsoftConfig, PsoftLinear, adapter_layers, inject, merge_and_unload
+from psoft_export.adapters import PsoftConfig, PsoftLinear, inject, merge_and_unload
 from psoft_export.adapters.cayley import orthogonality_error
 from psoft_export.errors import UserInputError
 from tests.conftest import ALL_MODELS, load_model, model_inputs, outputs, peft_copy, rel_err
@@ -67,8 +67,13 @@ def test_matches_peft_outputs_and_merged_weights(model_name, cayley, vectors, in
     inputs = model_inputs(model_name)
     terms = 5  # PEFT's default count, odd on purpose: interop must match PEFT's series, not ours
     config = PsoftConfig(
-        rank=RANK, alpha=16, init=init, cayley=cayley, neumann_terms=terms,
-        vector_a=vectors == "on", vector_b=vectors == "on",
+        rank=RANK,
+        alpha=16,
+        init=init,
+        cayley=cayley,
+        neumann_terms=terms,
+        vector_a=vectors == "on",
+        vector_b=vectors == "on",
     )
     ours = load_model(model_name)
     layers = inject(ours, config, "all-linear")
@@ -108,8 +113,14 @@ def test_neumann_eps_matches_peft():
     with torch.no_grad():
         for layer in layers.values():
             layer.q.normal_(0.0, 1.0)  # ||Q||_F well above eps: the clip is active
-    cfg = PeftPsoftConfig(r=RANK, psoft_alpha=16, target_modules=["q_proj", "down_proj"],
-                          use_cayley_neumann=True, num_cayley_neumann_terms=5, cayley_neumann_eps=0.5)
+    cfg = PeftPsoftConfig(
+        r=RANK,
+        psoft_alpha=16,
+        target_modules=["q_proj", "down_proj"],
+        use_cayley_neumann=True,
+        num_cayley_neumann_terms=5,
+        cayley_neumann_eps=0.5,
+    )
     theirs = get_peft_model(peft_copy(base), cfg).eval()
     copy_into_peft(layers, theirs)
     inputs = model_inputs("llama")
@@ -219,8 +230,13 @@ def test_geometry_drift_is_measurable_outside_strict_mode(variant):
     torch.manual_seed(1)
     base = nn.Linear(32, 20).double()
     cfg = {"rank": 8, "vector_a": False, "vector_b": False}
-    cfg.update({"pissa": {"init": "pissa"}, "vectors": {"vector_a": True, "vector_b": True},
-                "neumann5": {"cayley": "neumann", "neumann_terms": 5}}[variant])
+    cfg.update(
+        {
+            "pissa": {"init": "pissa"},
+            "vectors": {"vector_a": True, "vector_b": True},
+            "neumann5": {"cayley": "neumann", "neumann_terms": 5},
+        }[variant]
+    )
     layer = PsoftLinear(base, PsoftConfig(**cfg))
     with torch.no_grad():
         layer.q.normal_(0, 0.5 if variant != "neumann5" else 0.05)

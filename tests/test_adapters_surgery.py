@@ -7,8 +7,15 @@ from peft import get_peft_model
 from transformers import AutoConfig, AutoModelForSequenceClassification
 
 from psoft_export.adapters import (
-    OftConfig, PsoftConfig, adapter_layers, adapter_parameters, inject, merge_and_unload, parse_targets,
-    select_targets, unload,
+    OftConfig,
+    PsoftConfig,
+    adapter_layers,
+    adapter_parameters,
+    inject,
+    merge_and_unload,
+    parse_targets,
+    select_targets,
+    unload,
 )
 from psoft_export.errors import UserInputError
 from tests.conftest import MODELS, load_model, model_inputs, outputs, peft_copy
@@ -20,14 +27,17 @@ def peft_selection(model, targets):
     return sorted(n for n, m in pm.base_model.model.named_modules() if hasattr(m, "psoft_R"))
 
 
-@pytest.mark.parametrize("model_name,targets", [
-    ("llama", ["q_proj", "v_proj"]),
-    ("llama", r".*layers\.1\..*(gate|up)_proj"),
-    ("qwen2", ["o_proj", "mlp.down_proj"]),
-    ("gpt2", ["c_attn"]),
-    ("bert", ["query", "value"]),
-    ("bert", "all-linear"),
-])
+@pytest.mark.parametrize(
+    "model_name,targets",
+    [
+        ("llama", ["q_proj", "v_proj"]),
+        ("llama", r".*layers\.1\..*(gate|up)_proj"),
+        ("qwen2", ["o_proj", "mlp.down_proj"]),
+        ("gpt2", ["c_attn"]),
+        ("bert", ["query", "value"]),
+        ("bert", "all-linear"),
+    ],
+)
 def test_selection_matches_peft(model_name, targets):
     model = load_model(model_name)
     assert sorted(select_targets(model, targets)) == peft_selection(model, targets)

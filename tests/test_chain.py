@@ -24,10 +24,30 @@ def test_decompose_train_merge_verify(tmp_path, model):
     require("llama_cpp")
     src = MODELS / model
     run("decompose", src, "-o", tmp_path / "decomp", "--rank", 8, "--no-plot", "--json")
-    summary = run("train", src, "--data", DATA / "train.jsonl", "--eval-data", DATA / "eval.jsonl",
-                  "--decomposition", tmp_path / "decomp", "--rank", 8, "--steps", 12, "--seq-len", 64, "--lr", 2e-2,
-                  "-o", tmp_path / "adapter", "--json")
-    assert summary["final_loss"] < summary["first_loss"] - 0.02, "12 steps must lower the loss (measured: 0.076 llama, 0.064 qwen2)"
+    summary = run(
+        "train",
+        src,
+        "--data",
+        DATA / "train.jsonl",
+        "--eval-data",
+        DATA / "eval.jsonl",
+        "--decomposition",
+        tmp_path / "decomp",
+        "--rank",
+        8,
+        "--steps",
+        12,
+        "--seq-len",
+        64,
+        "--lr",
+        2e-2,
+        "-o",
+        tmp_path / "adapter",
+        "--json",
+    )
+    assert summary["final_loss"] < summary["first_loss"] - 0.02, (
+        "12 steps must lower the loss (measured: 0.076 llama, 0.064 qwen2)"
+    )
     for to in ("safetensors", "onnx", "gguf"):
         for split in ((), ("--split",)):
             out = tmp_path / f"{to}{'-split' if split else ''}"

@@ -45,31 +45,61 @@ def test_unknown_command_is_usage_error():
 
 def test_help_and_argument_errors_do_not_import_torch():
     """Issue 12.7: help must be instant; importing torch and transformers takes seconds."""
-    code = ("import sys\nfrom click.testing import CliRunner\nfrom psoft_export.cli import cli\n"
-            "for args in (['--help'], ['train', '--help'], ['merge', '--help'], ['decompose', '--help'], ['train']):\n"
-            "    CliRunner().invoke(cli, args)\n"
-            "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
-            "assert not heavy, heavy\n")
+    code = (
+        "import sys\nfrom click.testing import CliRunner\nfrom psoft_export.cli import cli\n"
+        "for args in (['--help'], ['train', '--help'], ['merge', '--help'], ['decompose', '--help'], ['train']):\n"
+        "    CliRunner().invoke(cli, args)\n"
+        "heavy = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
 def test_progress_lines_when_stderr_is_not_a_terminal(tmp_path):
     """Issue 12.4: under CI, nohup or a notebook a long run still says how far it is."""
     out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "psoft_export", "train", str(MODELS / "llama"), "--data",
-                             str(MODELS.parent / "data" / "train.jsonl"), "-o", str(out), "--method", "oft",
-                             "--block-size", "16", "--steps", "40", "--seq-len", "32", "--batch-size", "2"],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "psoft_export",
+            "train",
+            str(MODELS / "llama"),
+            "--data",
+            str(MODELS.parent / "data" / "train.jsonl"),
+            "-o",
+            str(out),
+            "--method",
+            "oft",
+            "--block-size",
+            "16",
+            "--steps",
+            "40",
+            "--seq-len",
+            "32",
+            "--batch-size",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     lines = [l for l in result.stderr.splitlines() if l.startswith("train: step ")]
     assert [l.split()[2] for l in lines] == [f"{s}/40" for s in range(2, 41, 2)], result.stderr
 
 
-@pytest.mark.parametrize("args,message", [
-    (["train", str(MODELS / "llama"), "--data", "x.jsonl", "-o", "out", "--seed", "1e23"], "'1e23' is not a valid integer"),
-    (["merge"], "Missing argument 'MODEL_DIR'"),
-    (["nosuch"], "No such command 'nosuch'"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (
+            ["train", str(MODELS / "llama"), "--data", "x.jsonl", "-o", "out", "--seed", "1e23"],
+            "'1e23' is not a valid integer",
+        ),
+        (["merge"], "Missing argument 'MODEL_DIR'"),
+        (["nosuch"], "No such command 'nosuch'"),
+    ],
+)
 def test_argument_errors_are_one_line(args, message):
     """click's own errors (bad values, missing arguments) follow the project's contract: one line, exit 2."""
     result = run(*args)

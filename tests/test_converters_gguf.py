@@ -8,7 +8,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from gguf import GGUFReader
@@ -114,8 +113,13 @@ def test_tied_embeddings_omit_output(llama_cpp, tmp_path):
     "scaling",
     [
         {"rope_type": "linear", "factor": 4.0},
-        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-         "original_max_position_embeddings": 64},  # wavelengths fall in all three llama3 regimes
+        {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },  # wavelengths fall in all three llama3 regimes
     ],
     ids=["linear", "llama3"],
 )
@@ -186,8 +190,10 @@ def random_lora(name: str, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch
     for module_name, module in load_model(name).named_modules():
         if module_name.rpartition(".")[2] in LORA_TARGETS:
             out_f, in_f = module.weight.shape
-            lora[module_name] = (torch.randn(RANK, in_f, generator=g) / in_f**0.5,
-                                 torch.randn(out_f, RANK, generator=g) * 0.005)
+            lora[module_name] = (
+                torch.randn(RANK, in_f, generator=g) / in_f**0.5,
+                torch.randn(out_f, RANK, generator=g) * 0.005,
+            )
     return lora
 
 

@@ -46,8 +46,9 @@ def reference(name: str, model: torch.nn.Module) -> torch.Tensor:
 
 def onnx_out(name: str, onnx_dir, adapter=None, session=None) -> torch.Tensor:
     inputs = model_inputs(name)
-    out = cx.run_logits(onnx_dir, inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(),
-                        adapter_path=adapter, session=session)
+    out = cx.run_logits(
+        onnx_dir, inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(), adapter_path=adapter, session=session
+    )
     return torch.from_numpy(next(iter(out.values())))
 
 
@@ -235,9 +236,11 @@ def test_make_overridable_handles_external_data_and_renamed_initializers(tmp_pat
     weight, dummy = (rng.standard_normal(shape).astype(np.float32) for shape in ((64, 64), (64, 32)))
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("MatMul", ["h", "onnx::MatMul_7"], ["y"])],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "r"])],
-        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(dummy, "onnx::MatMul_7")])
+        [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(dummy, "onnx::MatMul_7")],
+    )
     path = tmp_path / cx.MODEL_FILE
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", cx.OPSET)], ir_version=10)
     onnx.save(model, str(path), save_as_external_data=True, location=cx.EXTERNAL_DATA, size_threshold=0)
@@ -252,12 +255,15 @@ def test_make_overridable_handles_external_data_and_renamed_initializers(tmp_pat
 
 
 # ------------------------------------------------------------------------------------------------------ errors
-@pytest.mark.parametrize("config, task", [
-    ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "text-generation-with-past"),
-    ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "text-generation-with-past"),
-    ({"model_type": "bert", "architectures": ["BertForMaskedLM"]}, "feature-extraction"),
-    ({"model_type": "bert", "architectures": ["BertForSequenceClassification"]}, "text-classification"),
-])
+@pytest.mark.parametrize(
+    "config, task",
+    [
+        ({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}, "text-generation-with-past"),
+        ({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, "text-generation-with-past"),
+        ({"model_type": "bert", "architectures": ["BertForMaskedLM"]}, "feature-extraction"),
+        ({"model_type": "bert", "architectures": ["BertForSequenceClassification"]}, "text-classification"),
+    ],
+)
 def test_default_tasks(config, task):
     assert cx.resolve_task(config) == task
 
@@ -288,10 +294,13 @@ def test_non_linear_target_is_refused(tmp_path):
         cx.export_split(MODELS / "llama", tmp_path, lora_targets=["model.layers.0.mlp"])
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"dtype": "bfloat16"}, "dtype 'bfloat16' is not supported"),
-    ({"task": "fill-mask"}, "task 'fill-mask' is not available for llama"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"dtype": "bfloat16"}, "dtype 'bfloat16' is not supported"),
+        ({"task": "fill-mask"}, "task 'fill-mask' is not available for llama"),
+    ],
+)
 def test_bad_export_options_are_refused(tmp_path, kwargs, message):
     with pytest.raises(UserInputError, match=message):
         cx.export_merged(MODELS / "llama", tmp_path, **kwargs)

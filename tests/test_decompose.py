@@ -83,8 +83,9 @@ def test_psoft_from_stored_factors_equals_peft(tmp_path, model_name, svd):
     base = load_model(model_name)
     ours = load_model(model_name)
     layers = inject(ours, PsoftConfig(rank=rank, alpha=16), factors=dec.factors())
-    cfg = PeftPsoftConfig(r=rank, psoft_alpha=16, target_modules="all-linear", psoft_svd=svd,
-                          psoft_svd_lowrank_niter=10)
+    cfg = PeftPsoftConfig(
+        r=rank, psoft_alpha=16, target_modules="all-linear", psoft_svd=svd, psoft_svd_lowrank_niter=10
+    )
     theirs = get_peft_model(peft_copy(base), cfg).eval()
     randomize(layers)
     copy_into_peft(layers, theirs)
@@ -195,8 +196,9 @@ def test_existing_output_needs_overwrite(tmp_path):
     assert code == 2 and "was not written by psoft-export" in output, "a directory we did not write is never replaced"
     assert (tmp_path / "out" / "keep.txt").exists()
     (tmp_path / "out" / ".psoft-export").write_text("{}")  # as if an earlier psoft-export run had written it
-    code, output = run_cli("decompose", str(MODELS / "gpt2"), "-o", str(tmp_path / "out"), "--rank", "4",
-                           "--overwrite", "--json")
+    code, output = run_cli(
+        "decompose", str(MODELS / "gpt2"), "-o", str(tmp_path / "out"), "--rank", "4", "--overwrite", "--json"
+    )
     assert code == 0, output
     summary = json.loads(output)
     assert summary["targets"] == 8 and summary["rank"] == 4
@@ -205,8 +207,9 @@ def test_existing_output_needs_overwrite(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("shape,transposed", [((300, 40), False), ((40, 300), False), ((300, 40), True),
-                                              ((64, 64), True)])
+@pytest.mark.parametrize(
+    "shape,transposed", [((300, 40), False), ((40, 300), False), ((300, 40), True), ((64, 64), True)]
+)
 def test_weight_streamed_from_its_file_gives_the_same_subspace(tmp_path, dtype, shape, transposed):
     """decompose reads each weight a slab at a time from its file (checkpoint.StoredMatrix), never whole. Against
     the same weight loaded as a tensor: the same hash, finiteness and norm, and the same subspace (angle 1e-7 rad,
@@ -215,7 +218,7 @@ def test_weight_streamed_from_its_file_gives_the_same_subspace(tmp_path, dtype, 
     from psoft_export.subspace import gram_subspace
 
     g = torch.Generator().manual_seed(3)
-    W = (torch.randn(*shape, generator=g, dtype=torch.float64) * torch.logspace(0, -2, shape[1], dtype=torch.float64))
+    W = torch.randn(*shape, generator=g, dtype=torch.float64) * torch.logspace(0, -2, shape[1], dtype=torch.float64)
     W = W.to(dtype)
     (tmp_path / "config.json").write_text("{}")
     save_file({"pad": torch.zeros(3, dtype=torch.int8), "w": W.contiguous()}, tmp_path / "model.safetensors")
@@ -226,7 +229,7 @@ def test_weight_streamed_from_its_file_gives_the_same_subspace(tmp_path, dtype, 
     view, dense = (stored.T, W.T) if transposed else (stored, W)
     assert torch.equal(view.load(), dense.contiguous())
     rank = 8
-    from psoft_export import checkpoint as ck
+    from psoft_export import stored as ck
 
     old = sub_mod.SLAB_BYTES, ck.BAND_BYTES
     sub_mod.SLAB_BYTES = ck.BAND_BYTES = 4096  # several bands even at this size

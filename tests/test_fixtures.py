@@ -166,8 +166,7 @@ def test_special_tokens_and_ids(loaded):
     assert model.generation_config.eos_token_id == eot
     assert model.generation_config.pad_token_id == eot
     assert tok("The fox.")["input_ids"][0] != eot
-    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
-                                   add_generation_prompt=True)
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
     assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
 
     # gpt2: <|endoftext|> is bos, eos and unk; no pad.
@@ -239,20 +238,22 @@ def test_weight_spectrum_decays(name, loaded):
     for key, w in targets.items():
         assert w.ndim == 2 and w.dtype == torch.float32
         s = torch.linalg.svdvals(w.double())
-        energy = float((s[:TOP_K] ** 2).sum() / (s ** 2).sum())
+        energy = float((s[:TOP_K] ** 2).sum() / (s**2).sum())
         cond = float(s[0] / s[-1])
         assert energy > MIN_TOP_K_ENERGY, (
-            f"{name}:{key}: top-{TOP_K} singular values hold {energy:.3f} of the energy, "
-            f"need > {MIN_TOP_K_ENERGY}")
-        assert cond > MIN_CONDITION, (
-            f"{name}:{key}: s[0]/s[-1] = {cond:.1f}, need > {MIN_CONDITION}")
+            f"{name}:{key}: top-{TOP_K} singular values hold {energy:.3f} of the energy, need > {MIN_TOP_K_ENERGY}"
+        )
+        assert cond > MIN_CONDITION, f"{name}:{key}: s[0]/s[-1] = {cond:.1f}, need > {MIN_CONDITION}"
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_norm_weights_not_trivial(name, loaded):
     model, _ = loaded[name]
-    norms = [m.weight.detach() for m in model.modules()
-             if isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")]
+    norms = [
+        m.weight.detach()
+        for m in model.modules()
+        if isinstance(m, nn.LayerNorm) or type(m).__name__.endswith("RMSNorm")
+    ]
     assert norms, f"{name}: no norm layers found"
     for w in norms:
         assert not torch.all(w == 1), f"{name}: a norm weight is still all ones"
@@ -307,7 +308,8 @@ def test_rebuild_matches_committed_model(name, rebuilt):
         if fname == "model.safetensors":
             continue
         assert (committed / fname).read_bytes() == (fresh / fname).read_bytes(), (
-            f"{name}/{fname} differs from a fresh build")
+            f"{name}/{fname} differs from a fresh build"
+        )
     a = load_file(str(committed / "model.safetensors"))
     b = load_file(str(fresh / "model.safetensors"))
     assert sorted(a) == sorted(b)
@@ -332,8 +334,7 @@ def test_no_absolute_paths_in_saved_text_files():
 
 
 def test_fixtures_size_budget():
-    total = sum(p.stat().st_size for p in FIXTURES.rglob("*")
-                if p.is_file() and "__pycache__" not in p.parts)
+    total = sum(p.stat().st_size for p in FIXTURES.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
     assert total < MAX_FIXTURES_BYTES, f"fixtures/ is {total / 1e6:.2f} MB, budget 5 MB"
 
 

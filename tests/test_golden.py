@@ -20,7 +20,9 @@ from tests.conftest import require
 REGENERATE = "python -m psoft_export.golden --regenerate"
 
 
-pytestmark = pytest.mark.filterwarnings("ignore:.*aten..index:UserWarning")  # torch's ONNX exporter (':' would split the filter)
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*aten..index:UserWarning"
+)  # torch's ONNX exporter (':' would split the filter)
 
 
 @pytest.mark.parametrize("case,to,split", ROUTES, ids=[f"{c}-{golden.route_name(t, s)}" for c, t, s in ROUTES])
@@ -32,8 +34,11 @@ def test_export_matches_its_golden(tmp_path, case, to, split):
     assert expected is not None, f"golden missing: {where}: no {golden.golden_path(case, to, split)}; run {REGENERATE}"
     got = record(case, to, split, export(case, to, split, tmp_path / "out"))
     drift = compare(expected, got, where, expected["tolerance"])  # the bar reviewed with the golden record
-    assert not drift, "\n".join(drift[:20] + ([f"... {len(drift) - 20} more"] if len(drift) > 20 else [])
-                                + [f"(intended? run {REGENERATE} and commit the result)"])
+    assert not drift, "\n".join(
+        drift[:20]
+        + ([f"... {len(drift) - 20} more"] if len(drift) > 20 else [])
+        + [f"(intended? run {REGENERATE} and commit the result)"]
+    )
 
 
 def test_the_golden_matrix_is_complete_and_nothing_else_is_stored():
@@ -63,6 +68,7 @@ def test_stored_adapters_carry_no_machine_paths():
 
 # ------------------------------------------------------------------------------------------ the comparison itself
 
+
 @pytest.fixture(scope="module")
 def a_golden():
     return load_golden("llama-psoft", "gguf", False)
@@ -90,10 +96,13 @@ def test_output_drift_is_relative_to_the_output_scale(a_golden):
     assert compare(a_golden, got, "gguf merged llama-psoft", 2e-3) == []
     out["head"][3][5] += 0.3 * scale
     (line,) = compare(a_golden, got, "gguf merged llama-psoft", 2e-3)
-    assert line.startswith("golden drift: gguf merged llama-psoft: logits rel err 3.0e-01 > 2e-03 (worst at position 3 [5]: "), line
+    assert line.startswith(
+        "golden drift: gguf merged llama-psoft: logits rel err 3.0e-01 > 2e-03 (worst at position 3 [5]: "
+    ), line
     got["outputs"]["logits"]["shape"] = [1, 2]
-    assert compare(a_golden, got, "x", 2e-3) == ["golden drift: x: logits shape "
-                                                 f"{a_golden['outputs']['logits']['shape']} -> [1, 2]"]
+    assert compare(a_golden, got, "x", 2e-3) == [
+        f"golden drift: x: logits shape {a_golden['outputs']['logits']['shape']} -> [1, 2]"
+    ]
 
 
 def test_golden_files_round_trip_through_the_writer(tmp_path, monkeypatch, a_golden):

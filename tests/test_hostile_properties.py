@@ -24,13 +24,20 @@ DATA = MODELS.parent / "data"
 LLAMA = MODELS / "llama"
 
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-10**30, max_value=10**30)
-    | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12),
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(10**30), max_value=10**30)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12),
     lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(max_size=6), children, max_size=3),
     max_leaves=6,
 )
-SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 def check_contract(result, out: Path) -> None:
@@ -54,8 +61,24 @@ def trained(tmp_path_factory):
     dec = root / "dec"
     assert invoke(["decompose", LLAMA, "-o", dec, "--rank", 4]).exit_code == 0
     adapter = root / "adapter"
-    result = invoke(["train", LLAMA, "--data", DATA / "train.jsonl", "--decomposition", dec, "-o", adapter,
-                     "--steps", 1, "--seq-len", 32, "--batch-size", 2])
+    result = invoke(
+        [
+            "train",
+            LLAMA,
+            "--data",
+            DATA / "train.jsonl",
+            "--decomposition",
+            dec,
+            "-o",
+            adapter,
+            "--steps",
+            1,
+            "--seq-len",
+            32,
+            "--batch-size",
+            2,
+        ]
+    )
     assert result.exit_code == 0, result.output
     return root, dec, adapter
 
@@ -69,8 +92,18 @@ def _edited_copy(src: Path, root: Path, file: str, key: str, value) -> Path:
     return dst
 
 
-ADAPTER_CONFIG_KEYS = ["r", "peft_type", "psoft_alpha", "use_cayley_neumann", "num_cayley_neumann_terms",
-                       "target_modules", "modules_to_save", "task_type", "psoft_mag_a", "ab_svd_init"]
+ADAPTER_CONFIG_KEYS = [
+    "r",
+    "peft_type",
+    "psoft_alpha",
+    "use_cayley_neumann",
+    "num_cayley_neumann_terms",
+    "target_modules",
+    "modules_to_save",
+    "task_type",
+    "psoft_mag_a",
+    "ab_svd_init",
+]
 META_KEYS = ["targets", "task", "classes", "heads", "config", "method", "peft_sha256", "base_weights", "format"]
 MANIFEST_KEYS = ["rank", "alpha", "init", "targets", "factors_sha256", "format"]
 
@@ -94,18 +127,61 @@ def test_malformed_decomposition_manifests(trained, key, value):
     root, dec, _ = trained
     broken = _edited_copy(dec, root, "manifest.json", key, value)
     out = root / "out"
-    check_contract(invoke(["train", LLAMA, "--data", DATA / "train.jsonl", "--decomposition", broken, "-o", out,
-                           "--steps", 1, "--seq-len", 32, "--batch-size", 2]), out)
+    check_contract(
+        invoke(
+            [
+                "train",
+                LLAMA,
+                "--data",
+                DATA / "train.jsonl",
+                "--decomposition",
+                broken,
+                "-o",
+                out,
+                "--steps",
+                1,
+                "--seq-len",
+                32,
+                "--batch-size",
+                2,
+            ]
+        ),
+        out,
+    )
     shutil.rmtree(broken)
 
 
 @SETTINGS
-@given(record=st.dictionaries(st.sampled_from(["text", "prompt", "completion", "label", "x"]), json_values,
-                              min_size=1, max_size=3))
+@given(
+    record=st.dictionaries(
+        st.sampled_from(["text", "prompt", "completion", "label", "x"]), json_values, min_size=1, max_size=3
+    )
+)
 def test_malformed_jsonl_records(trained, record):
     root, _, _ = trained
     data = root / f"data-{uuid.uuid4().hex[:8]}.jsonl"
     data.write_text(json.dumps(record, allow_nan=True) + "\n" + json.dumps({"text": "a valid line"}) + "\n")
     out = root / "out"
-    check_contract(invoke(["train", LLAMA, "--data", data, "-o", out, "--method", "oft", "--block-size", 16,
-                           "--steps", 1, "--seq-len", 16, "--batch-size", 2]), out)
+    check_contract(
+        invoke(
+            [
+                "train",
+                LLAMA,
+                "--data",
+                data,
+                "-o",
+                out,
+                "--method",
+                "oft",
+                "--block-size",
+                16,
+                "--steps",
+                1,
+                "--seq-len",
+                16,
+                "--batch-size",
+                2,
+            ]
+        ),
+        out,
+    )

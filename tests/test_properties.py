@@ -273,9 +273,15 @@ def config_terms_eps_invalid(case: dict) -> bool:
 
 def build_psoft(case: dict, base: nn.Module) -> PsoftLinear:
     config = PsoftConfig(
-        rank=case["rank"], alpha=case["alpha"], init=case["init"], cayley=case["cayley"],
-        neumann_terms=case["terms"], neumann_eps=case["eps"], vector_a=case["vector_a"],
-        vector_b=case["vector_b"], orth=case["orth"],
+        rank=case["rank"],
+        alpha=case["alpha"],
+        init=case["init"],
+        cayley=case["cayley"],
+        neumann_terms=case["terms"],
+        neumann_eps=case["eps"],
+        vector_a=case["vector_a"],
+        vector_b=case["vector_b"],
+        orth=case["orth"],
     )
     return PsoftLinear(base, config)
 
@@ -392,8 +398,11 @@ def test_psoft_layer_matches_float64_recompute_or_raises(case):
 
 def build_oft(case: dict, base: nn.Module) -> OftLinear:
     config = OftConfig(
-        block_size=case["block"], cayley=case["cayley"], neumann_terms=case["terms"],
-        neumann_eps=case["eps"], block_share=case["share"],
+        block_size=case["block"],
+        cayley=case["cayley"],
+        neumann_terms=case["terms"],
+        neumann_eps=case["eps"],
+        block_share=case["share"],
     )
     return OftLinear(base, config)
 

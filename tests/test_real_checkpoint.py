@@ -61,8 +61,23 @@ def decomposition(work):
 
 def _train(work: Path, name: str, *extra) -> Path:
     out = work / name
-    result = invoke(["train", MINILM, "--data", DATA / "reviews_train.jsonl", "--eval-data",
-                     DATA / "reviews_eval.jsonl", "-o", out, "--seq-len", 48, "--epochs", 2, *extra])
+    result = invoke(
+        [
+            "train",
+            MINILM,
+            "--data",
+            DATA / "reviews_train.jsonl",
+            "--eval-data",
+            DATA / "reviews_eval.jsonl",
+            "-o",
+            out,
+            "--seq-len",
+            48,
+            "--epochs",
+            2,
+            *extra,
+        ]
+    )
     assert result.exit_code == 0, result.output
     (out / "cli_output.txt").write_text(result.output)
     return out
@@ -81,7 +96,9 @@ def oft_adapter(work):
 def eval_batch():
     data = rows("reviews_eval.jsonl")
     tok = AutoTokenizer.from_pretrained(MINILM)
-    return dict(tok([r["text"] for r in data], return_tensors="pt", padding=True)), torch.tensor([r["label"] for r in data])
+    return dict(tok([r["text"] for r in data], return_tensors="pt", padding=True)), torch.tensor(
+        [r["label"] for r in data]
+    )
 
 
 def our_logits(adapter: Path) -> torch.Tensor:
@@ -237,14 +254,28 @@ def test_merged_and_split_exports_match_peft(work, psoft_adapter):
 
 
 def test_a_rank_the_user_gave_that_differs_from_the_decomposition_is_refused(work, decomposition):
-    result = invoke(["train", MINILM, "--data", DATA / "reviews_train.jsonl", "--decomposition", decomposition,
-                     "--rank", 8, "-o", work / "wrong-rank"])
+    result = invoke(
+        [
+            "train",
+            MINILM,
+            "--data",
+            DATA / "reviews_train.jsonl",
+            "--decomposition",
+            decomposition,
+            "--rank",
+            8,
+            "-o",
+            work / "wrong-rank",
+        ]
+    )
     assert result.exit_code == 2 and "--rank 8 was given but decomposition" in result.output, result.output
     assert not (work / "wrong-rank").exists()
 
 
 def test_refused_split_is_refused_before_loading(work, psoft_adapter):
-    result = CliRunner().invoke(cli, ["merge", str(MINILM), "--adapter", str(psoft_adapter), "--to", "onnx", "--split",
-                                      "-o", str(work / "nope")])
+    result = CliRunner().invoke(
+        cli,
+        ["merge", str(MINILM), "--adapter", str(psoft_adapter), "--to", "onnx", "--split", "-o", str(work / "nope")],
+    )
     assert result.exit_code == 2 and "merge: loading" not in result.output, result.output
     assert "classification adapter" in result.output and not (work / "nope").exists()

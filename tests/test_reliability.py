@@ -100,8 +100,22 @@ def test_pickled_weights_are_refused_unless_allowed(tmp_path):
             shutil.copy(MODELS / "llama" / f, model / f)
     torch.save(load_file(MODELS / "llama" / "model.safetensors"), model / "pytorch_model.bin")
     out = tmp_path / "adapter"
-    args = ["train", model, "--data", DATA / "train.jsonl", "-o", out, "--method", "oft", "--block-size", "16",
-            "--steps", "1", "--seq-len", "32"]
+    args = [
+        "train",
+        model,
+        "--data",
+        DATA / "train.jsonl",
+        "-o",
+        out,
+        "--method",
+        "oft",
+        "--block-size",
+        "16",
+        "--steps",
+        "1",
+        "--seq-len",
+        "32",
+    ]
     assert_clean_failure(invoke(args), "pickled weights", out)
     result = invoke([*args, "--allow-pickle"])
     assert result.exit_code == 0, result.output
@@ -135,10 +149,14 @@ def test_merge_rejects_lora_and_missing_adapters(tmp_path, qwen_adapter):
     config = json.loads((lora / "adapter_config.json").read_text())
     (lora / "adapter_config.json").write_text(json.dumps({**config, "peft_type": "LORA"}))
     out = tmp_path / "out"
-    assert_clean_failure(invoke(["merge", str(MODELS / "qwen2"), "--adapter", lora, "--to", "onnx", "-o", out]),
-                         "is a LORA adapter", out)
-    assert_clean_failure(invoke(["merge", str(MODELS / "qwen2"), "--adapter", tmp_path / "nope", "--to", "onnx",
-                                 "-o", out]), "does not exist", out)
+    assert_clean_failure(
+        invoke(["merge", str(MODELS / "qwen2"), "--adapter", lora, "--to", "onnx", "-o", out]), "is a LORA adapter", out
+    )
+    assert_clean_failure(
+        invoke(["merge", str(MODELS / "qwen2"), "--adapter", tmp_path / "nope", "--to", "onnx", "-o", out]),
+        "does not exist",
+        out,
+    )
 
 
 def test_merge_rejects_a_damaged_adapter_file(tmp_path, qwen_adapter):
@@ -146,22 +164,49 @@ def test_merge_rejects_a_damaged_adapter_file(tmp_path, qwen_adapter):
     shutil.copytree(qwen_adapter, broken)
     (broken / "adapter_model.safetensors").write_bytes(b"\x00" * 16)
     out = tmp_path / "out"
-    assert_clean_failure(invoke(["merge", str(MODELS / "qwen2"), "--adapter", broken, "--to", "safetensors",
-                                 "-o", out]), "is not the file psoft-export wrote", out)
+    assert_clean_failure(
+        invoke(["merge", str(MODELS / "qwen2"), "--adapter", broken, "--to", "safetensors", "-o", out]),
+        "is not the file psoft-export wrote",
+        out,
+    )
     shutil.copy2(qwen_adapter / "adapter_model.safetensors", broken / "adapter_model.safetensors")
     (broken / "psoft_export.safetensors").write_bytes(b"\x00" * 16)
-    assert_clean_failure(invoke(["merge", str(MODELS / "qwen2"), "--adapter", broken, "--to", "safetensors",
-                                 "-o", out]), "not a readable safetensors file", out)
+    assert_clean_failure(
+        invoke(["merge", str(MODELS / "qwen2"), "--adapter", broken, "--to", "safetensors", "-o", out]),
+        "not a readable safetensors file",
+        out,
+    )
 
 
 # ------------------------------------------------------------------------------------------- signals
 
+
 def _train_cmd(out: Path, steps: int = 300) -> list[str]:
     # Long enough that the signal, sent after checkpoint 2..5 appears, lands mid-run even on a fast machine
     # (a step of this tiny model can take ~10 ms; with 60 steps the run sometimes finished before the poll saw it).
-    return [sys.executable, "-m", "psoft_export", "train", LLAMA, "--data", str(DATA / "train.jsonl"), "-o", str(out),
-            "--rank", "8", "--steps", str(steps), "--seq-len", "32", "--batch-size", "4", "--save-every", "1",
-            "--lr", "1e-2"]
+    return [
+        sys.executable,
+        "-m",
+        "psoft_export",
+        "train",
+        LLAMA,
+        "--data",
+        str(DATA / "train.jsonl"),
+        "-o",
+        str(out),
+        "--rank",
+        "8",
+        "--steps",
+        str(steps),
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "4",
+        "--save-every",
+        "1",
+        "--lr",
+        "1e-2",
+    ]
 
 
 def _env():
@@ -213,9 +258,25 @@ def test_interrupted_train_resumes_to_the_same_adapter(tmp_path, uninterrupted, 
 def test_interrupted_merge_leaves_nothing(tmp_path, qwen_adapter, sig, code):
     """SIGTERM/SIGINT while merge writes: exit 143/130, no output directory and no temporary left behind."""
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "psoft_export", "merge", str(MODELS / "qwen2"), "--adapter",
-                             str(qwen_adapter), "--to", "onnx", "-o", str(out)], env=_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "psoft_export",
+            "merge",
+            str(MODELS / "qwen2"),
+            "--adapter",
+            str(qwen_adapter),
+            "--to",
+            "onnx",
+            "-o",
+            str(out),
+        ],
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while not list(tmp_path.glob(".out.tmp-*")):
         assert proc.poll() is None, f"merge ended before it was interrupted: {proc.communicate()}"
@@ -230,6 +291,7 @@ def test_interrupted_merge_leaves_nothing(tmp_path, qwen_adapter, sig, code):
 
 # ------------------------------------------------------------------------------------------- full and read-only disks
 
+
 @pytest.fixture
 def tiny_disk(tmp_path):
     """A real 300 KiB tmpfs (root only; skipped where mounting is not allowed) and a read-only one."""
@@ -238,7 +300,9 @@ def tiny_disk(tmp_path):
     mounted = []
     try:
         for where, opts in ((full, "size=300k"), (ro, "ro,size=64k")):
-            if subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True).returncode:
+            if subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)], capture_output=True
+            ).returncode:
                 pytest.skip("cannot mount a tmpfs here (not root?)")
             mounted.append(where)
         yield full, ro
@@ -253,22 +317,25 @@ def test_full_disk_is_a_clean_error(tiny_disk, qwen_adapter, to):
         require("llama_cpp")
     full, _ = tiny_disk
     result = invoke(["merge", str(MODELS / "qwen2"), "--adapter", qwen_adapter, "--to", to, "-o", full / "out"])
-    assert result.exit_code == 2 and "No space left on device; free space or choose another -o" in result.output, \
+    assert result.exit_code == 2 and "No space left on device; free space or choose another -o" in result.output, (
         result.output
+    )
     assert "Traceback" not in result.output and not list(full.iterdir()), list(full.iterdir())
 
 
 def test_read_only_output_is_a_clean_error(tiny_disk, qwen_adapter):
     _, ro = tiny_disk
-    for args in (["merge", str(MODELS / "qwen2"), "--adapter", qwen_adapter, "--to", "onnx", "-o", ro / "out"],
-                 ["train", LLAMA, "--data", DATA / "train.jsonl", "-o", ro / "adapter", *TRAIN],
-                 ["decompose", LLAMA, "--rank", "4", "-o", ro / "decomp"]):
+    for args in (
+        ["merge", str(MODELS / "qwen2"), "--adapter", qwen_adapter, "--to", "onnx", "-o", ro / "out"],
+        ["train", LLAMA, "--data", DATA / "train.jsonl", "-o", ro / "adapter", *TRAIN],
+        ["decompose", LLAMA, "--rank", "4", "-o", ro / "decomp"],
+    ):
         result = invoke(args)
         assert result.exit_code == 2 and "Read-only file system" in result.output, (args[0], result.output)
         assert "Traceback" not in result.output
 
 
-# ------------------------------------------------------------------------------- issue 13: nothing deleted, nothing mixed
+# ------------------------------------------------------------------------ issue 13: nothing deleted, nothing mixed
 
 
 def snapshot(path: Path) -> dict[str, bytes]:
@@ -292,8 +359,12 @@ def test_overwrite_never_replaces_an_input_of_the_same_run(tmp_path):
     dec = tmp_path / "dec"
     assert invoke(["decompose", model, "-o", dec, "--rank", 8]).exit_code == 0
     dec_before = snapshot(dec)
-    refused(invoke(["train", model, "--data", DATA / "train.jsonl", "--decomposition", dec, "-o", dec,
-                    "--overwrite", *TRAIN]), "overlaps the input")
+    refused(
+        invoke(
+            ["train", model, "--data", DATA / "train.jsonl", "--decomposition", dec, "-o", dec, "--overwrite", *TRAIN]
+        ),
+        "overlaps the input",
+    )
     assert snapshot(dec) == dec_before, "train -o DECOMP --overwrite must leave the decomposition untouched"
 
 
@@ -301,9 +372,26 @@ def test_overwrite_only_replaces_what_psoft_export_wrote(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "thesis.tex").write_text("years of work")
-    for args in (["decompose", LLAMA, "-o", mine, "--rank", 4, "--overwrite"],
-                 ["train", LLAMA, "--data", DATA / "train.jsonl", "-o", mine, "--overwrite", "--method", "oft",
-                  "--block-size", 16, "--steps", 1, "--seq-len", 32]):
+    for args in (
+        ["decompose", LLAMA, "-o", mine, "--rank", 4, "--overwrite"],
+        [
+            "train",
+            LLAMA,
+            "--data",
+            DATA / "train.jsonl",
+            "-o",
+            mine,
+            "--overwrite",
+            "--method",
+            "oft",
+            "--block-size",
+            16,
+            "--steps",
+            1,
+            "--seq-len",
+            32,
+        ],
+    ):
         refused(invoke(args), "was not written by psoft-export")
         assert (mine / "thesis.tex").read_text() == "years of work"
     ours = tmp_path / "ours"
@@ -337,22 +425,63 @@ def test_nan_in_an_adapter_tensor_is_refused(tmp_path, qwen_adapter):
     tensors[key].view(-1)[0] = float("nan")
     save_file(tensors, str(broken / "psoft_export.safetensors"))
     out = tmp_path / "out"
-    assert_clean_failure(invoke(["merge", str(MODELS / "qwen2"), "--adapter", broken, "--to", "safetensors",
-                                 "-o", out]), "holds NaN or Inf values", out)
+    assert_clean_failure(
+        invoke(["merge", str(MODELS / "qwen2"), "--adapter", broken, "--to", "safetensors", "-o", out]),
+        "holds NaN or Inf values",
+        out,
+    )
 
 
 def test_completion_prompt_longer_than_seq_len_is_found_before_training(tmp_path):
     data = write(tmp_path / "long.jsonl", json.dumps({"prompt": "word " * 200, "completion": " end"}) + "\n")
     out = tmp_path / "out"
-    assert_clean_failure(invoke(["train", LLAMA, "--data", data, "-o", out, "--method", "oft", "--block-size", 16,
-                                 "--seq-len", 16, "--steps", 1]), "record 1: its prompt fills all 16 tokens", out)
+    assert_clean_failure(
+        invoke(
+            [
+                "train",
+                LLAMA,
+                "--data",
+                data,
+                "-o",
+                out,
+                "--method",
+                "oft",
+                "--block-size",
+                16,
+                "--seq-len",
+                16,
+                "--steps",
+                1,
+            ]
+        ),
+        "record 1: its prompt fills all 16 tokens",
+        out,
+    )
 
 
 def test_sparse_integer_labels_are_refused_at_once(tmp_path):
     data = write(tmp_path / "sparse.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 300000000}\n')
     out = tmp_path / "out"
-    assert_clean_failure(invoke(["train", str(MODELS / "bert"), "--data", data, "-o", out, "--method", "oft",
-                                 "--block-size", 16, "--steps", 1]), "class ids 0..K-1", out)
+    assert_clean_failure(
+        invoke(
+            [
+                "train",
+                str(MODELS / "bert"),
+                "--data",
+                data,
+                "-o",
+                out,
+                "--method",
+                "oft",
+                "--block-size",
+                16,
+                "--steps",
+                1,
+            ]
+        ),
+        "class ids 0..K-1",
+        out,
+    )
 
 
 # ------------------------------------------------------------------------------- issue 13: nothing unchecked
@@ -367,8 +496,11 @@ def test_an_oft_adapter_is_tied_to_its_base_weights(tmp_path):
     meta = json.loads((adapter / "psoft_export.json").read_text())
     assert len(meta["base_weights"]) == 14
     out = tmp_path / "out"
-    assert_clean_failure(invoke(["merge", str(MODELS / "qwen2"), "--adapter", adapter, "--to", "safetensors",
-                                 "-o", out]), "was computed from other weights", out)
+    assert_clean_failure(
+        invoke(["merge", str(MODELS / "qwen2"), "--adapter", adapter, "--to", "safetensors", "-o", out]),
+        "was computed from other weights",
+        out,
+    )
 
 
 def test_resume_refuses_other_data(tmp_path):
@@ -390,14 +522,20 @@ def test_edited_decomposition_factors_are_refused(tmp_path):
     factors[key] = factors[key] * 1.001
     save_file(factors, str(dec / "decomposition.safetensors"))
     out = tmp_path / "out"
-    assert_clean_failure(invoke(["train", LLAMA, "--data", DATA / "train.jsonl", "--decomposition", dec, "-o", out,
-                                 *TRAIN]), "is not the file decompose wrote", out)
+    assert_clean_failure(
+        invoke(["train", LLAMA, "--data", DATA / "train.jsonl", "--decomposition", dec, "-o", out, *TRAIN]),
+        "is not the file decompose wrote",
+        out,
+    )
 
 
 @pytest.mark.parametrize("alpha", ["nan", "inf", "-1"])
 def test_decompose_refuses_a_non_finite_alpha(tmp_path, alpha):
-    assert_clean_failure(invoke(["decompose", LLAMA, "-o", tmp_path / "out", "--rank", 4, "--alpha", alpha]),
-                         "--alpha must be a finite number > 0", tmp_path / "out")
+    assert_clean_failure(
+        invoke(["decompose", LLAMA, "-o", tmp_path / "out", "--rank", 4, "--alpha", alpha]),
+        "--alpha must be a finite number > 0",
+        tmp_path / "out",
+    )
 
 
 def test_decompose_refuses_nan_weights(tmp_path):
@@ -408,8 +546,9 @@ def test_decompose_refuses_nan_weights(tmp_path):
     weights = load_file(model / "model.safetensors")
     weights["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
     save_file(weights, str(model / "model.safetensors"), metadata={"format": "pt"})
-    assert_clean_failure(invoke(["decompose", model, "-o", tmp_path / "out", "--rank", 4]),
-                         "holds NaN or Inf values", tmp_path / "out")
+    assert_clean_failure(
+        invoke(["decompose", model, "-o", tmp_path / "out", "--rank", 4]), "holds NaN or Inf values", tmp_path / "out"
+    )
 
 
 def test_a_damaged_manifest_is_one_line(tmp_path):
@@ -419,8 +558,11 @@ def test_a_damaged_manifest_is_one_line(tmp_path):
     del manifest["rank"]
     (dec / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "out"
-    assert_clean_failure(invoke(["train", LLAMA, "--data", DATA / "train.jsonl", "--decomposition", dec, "-o", out,
-                                 *TRAIN]), "is incomplete or damaged", out)
+    assert_clean_failure(
+        invoke(["train", LLAMA, "--data", DATA / "train.jsonl", "--decomposition", dec, "-o", out, *TRAIN]),
+        "is incomplete or damaged",
+        out,
+    )
 
 
 def test_a_garbage_tokenizer_is_one_line(tmp_path):
@@ -428,16 +570,36 @@ def test_a_garbage_tokenizer_is_one_line(tmp_path):
     shutil.copytree(LLAMA, model)
     (model / "tokenizer.json").write_text("{not json")
     out = tmp_path / "out"
-    assert_clean_failure(invoke(["train", model, "--data", DATA / "train.jsonl", "-o", out, *OFT]),
-                         "cannot load the tokenizer", out)
+    assert_clean_failure(
+        invoke(["train", model, "--data", DATA / "train.jsonl", "-o", out, *OFT]), "cannot load the tokenizer", out
+    )
 
 
 def test_seq_len_beyond_the_positions_is_refused(tmp_path):
     out = tmp_path / "out"
     limit = json.loads((MODELS / "gpt2" / "config.json").read_text())["n_positions"]
-    assert_clean_failure(invoke(["train", str(MODELS / "gpt2"), "--data", DATA / "train.jsonl", "-o", out,
-                                 "--method", "oft", "--block-size", 16, "--steps", 1, "--seq-len", limit + 1]),
-                         f"exceeds the {limit} positions", out)
+    assert_clean_failure(
+        invoke(
+            [
+                "train",
+                str(MODELS / "gpt2"),
+                "--data",
+                DATA / "train.jsonl",
+                "-o",
+                out,
+                "--method",
+                "oft",
+                "--block-size",
+                16,
+                "--steps",
+                1,
+                "--seq-len",
+                limit + 1,
+            ]
+        ),
+        f"exceeds the {limit} positions",
+        out,
+    )
 
 
 def test_a_truncated_checkpoint_on_resume_is_one_line(tmp_path):
@@ -451,22 +613,29 @@ def test_a_truncated_checkpoint_on_resume_is_one_line(tmp_path):
 
 def test_verify_refuses_a_corrupt_export_record(tmp_path, qwen_adapter):
     out = tmp_path / "export"
-    assert invoke(["merge", str(MODELS / "qwen2"), "--adapter", qwen_adapter, "--to", "safetensors", "-o", out,
-                   "--no-verify"]).exit_code == 0
+    assert (
+        invoke(
+            ["merge", str(MODELS / "qwen2"), "--adapter", qwen_adapter, "--to", "safetensors", "-o", out, "--no-verify"]
+        ).exit_code
+        == 0
+    )
     (out / "export.json").write_text("{broken")
     refused(invoke(["verify", out, "--model", str(MODELS / "qwen2"), "--adapter", qwen_adapter]), "is not valid JSON")
 
 
-@pytest.mark.parametrize("line", ['{"text": ' + "[" * 100_000 + "]" * 100_000 + "}",
-                                  '{"text": "a", "label": ' + "9" * 5000 + "}"])
+@pytest.mark.parametrize(
+    "line", ['{"text": ' + "[" * 100_000 + "]" * 100_000 + "}", '{"text": "a", "label": ' + "9" * 5000 + "}"]
+)
 def test_hostile_jsonl_is_one_line(tmp_path, line):
     data = write(tmp_path / "hostile.jsonl", line + "\n")
     out = tmp_path / "out"
     assert_clean_failure(invoke(["train", LLAMA, "--data", data, "-o", out, *OFT]), "hostile.jsonl:1:", out)
 
 
-@pytest.mark.parametrize("field,value,message", [("hidden_size", 10**9, "hidden_size=1000000000"),
-                                                 ("num_hidden_layers", 10**7, "num_hidden_layers=10000000")])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [("hidden_size", 10**9, "hidden_size=1000000000"), ("num_hidden_layers", 10**7, "num_hidden_layers=10000000")],
+)
 @pytest.mark.parametrize("command", ["decompose", "train"])
 def test_absurd_config_sizes_are_refused_before_any_allocation(tmp_path, field, value, message, command):
     model = tmp_path / "model"
@@ -474,8 +643,11 @@ def test_absurd_config_sizes_are_refused_before_any_allocation(tmp_path, field, 
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, field: value}))
     out = tmp_path / "out"
-    args = ["decompose", model, "-o", out, "--rank", 4] if command == "decompose" else \
-        ["train", model, "--data", DATA / "train.jsonl", "-o", out, *OFT]
+    args = (
+        ["decompose", model, "-o", out, "--rank", 4]
+        if command == "decompose"
+        else ["train", model, "--data", DATA / "train.jsonl", "-o", out, *OFT]
+    )
     start = time.perf_counter()
     assert_clean_failure(invoke(args), message, out)
     assert time.perf_counter() - start < 30, "refused at once, not after an allocation"
@@ -499,8 +671,28 @@ def test_full_disk_during_training_is_a_clean_error(tiny_disk):
     """Issue 13.6: checkpoints every step onto a 300 KiB disk: one line, exit 2, and what was written stays."""
     full, _ = tiny_disk
     out = full / "run"
-    result = invoke(["train", LLAMA, "--data", DATA / "train.jsonl", "-o", out, "--save-every", 1,
-                     "--method", "oft", "--block-size", 16, "--steps", 200, "--seq-len", 32, "--batch-size", 2])
+    result = invoke(
+        [
+            "train",
+            LLAMA,
+            "--data",
+            DATA / "train.jsonl",
+            "-o",
+            out,
+            "--save-every",
+            1,
+            "--method",
+            "oft",
+            "--block-size",
+            16,
+            "--steps",
+            200,
+            "--seq-len",
+            32,
+            "--batch-size",
+            2,
+        ]
+    )
     assert result.exit_code == 2 and "No space left on device" in result.output, result.output
     assert "Traceback" not in result.output
     assert "--resume" in result.output.splitlines()[-1]

@@ -6,8 +6,8 @@ must catch it. Exit 0 when every mutation is caught (its tests fail), 1 otherwis
     python tools/mutations.py --list
     python tools/mutations.py grad-accum rng-on-resume
 
-The copy is made from ``git ls-files`` (tracked and untracked, not ignored) and put first on PYTHONPATH, so the installed (editable) package is not
-touched; fixtures are linked, not copied.
+The copy is made from ``git ls-files`` (tracked and untracked, not ignored) and put first on PYTHONPATH, so the
+installed (editable) package is not touched; fixtures are linked, not copied.
 """
 
 from __future__ import annotations
@@ -24,37 +24,95 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # name: (file, original text, planted text, tests that must fail)
 MUTATIONS = {
-    "prompt-not-masked": ("psoft_export/data.py", "labels = ([IGNORE] * len(prompt) + completion)[:seq_len]",
-                          "labels = (prompt + completion)[:seq_len]",
-                          ["tests/test_loop.py::test_completion_rows_mask_the_prompt_by_hand"]),
-    "lr-doubled-in-cosine": ("psoft_export/train_config.py", "return peak * 0.5 * (1.0 + math.cos(",
-                             "return peak * (1.0 + math.cos(", ["tests/test_loop.py::test_schedule_by_hand"]),
-    "clipping-disabled": ("psoft_export/train.py",
-                          'cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))', 'float("inf"))',
-                          ["tests/test_loop.py::test_clipping_caps_the_norm"]),
-    "grad-accum": ("psoft_export/train.py", "loss = loss / cfg.grad_accum", "loss = loss",
-                   ["tests/test_loop.py::test_grad_accum_2x4_equals_batch_8"]),
-    "rng-on-resume": ("psoft_export/train.py", 'torch.set_rng_state(state["rng"])', "pass",
-                      ["tests/test_loop.py::test_resume_is_bit_identical_with_dropout"]),
-    "vector-b-axis": ("psoft_export/adapters/psoft.py", "R = self.vector_b[:, None] * R",
-                      "R = R * self.vector_b[None, :]", ["tests/test_float64_recompute.py"]),
-    "subspace-unrefined": ("psoft_export/subspace.py", "ANGLE_TOL = 1e-7", 'ANGLE_TOL = float("inf")',
-                           ["tests/test_real_checkpoint.py::test_default_decomposition_is_the_exact_subspace"]),
-    "overwrite-foreign-dir": ("psoft_export/atomic.py", "if not (path / MARKER).is_file():", "if False:",
-                              ["tests/test_reliability.py::test_overwrite_only_replaces_what_psoft_export_wrote"]),
-    "verify-tolerance-10x": ("psoft_export/verify.py", '("safetensors", "float32"): 1e-4',
-                             '("safetensors", "float32"): 1e-3',
-                             ["tests/test_merge.py::test_verify_fails_just_above_its_tolerance"]),
-    "gguf-tolerance-10x": ("psoft_export/verify.py", '("gguf", "float32"): 2e-3', '("gguf", "float32"): 2e-2',
-                           ["tests/test_merge.py::test_each_runtime_route_fails_just_above_its_tolerance"]),
-    "peft-file-unchecked": ("psoft_export/adapter_io.py", "faithful = worst <= PEFT_FAITHFUL_RTOL",
-                            "faithful = True",
-                            ["tests/test_real_checkpoint.py::test_peft_file_is_written_only_when_peft_reproduces_it"]),
+    "prompt-not-masked": (
+        "psoft_export/data.py",
+        "labels = ([IGNORE] * len(prompt) + completion)[:seq_len]",
+        "labels = (prompt + completion)[:seq_len]",
+        ["tests/test_loop.py::test_completion_rows_mask_the_prompt_by_hand"],
+    ),
+    "lr-doubled-in-cosine": (
+        "psoft_export/train_config.py",
+        "return peak * 0.5 * (1.0 + math.cos(",
+        "return peak * (1.0 + math.cos(",
+        ["tests/test_loop.py::test_schedule_by_hand"],
+    ),
+    "clipping-disabled": (
+        "psoft_export/train.py",
+        'cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))',
+        'float("inf"))',
+        ["tests/test_loop.py::test_clipping_caps_the_norm"],
+    ),
+    "grad-accum": (
+        "psoft_export/train.py",
+        "run.device)).loss / cfg.grad_accum",
+        "run.device)).loss",
+        ["tests/test_loop.py::test_grad_accum_2x4_equals_batch_8"],
+    ),
+    "rng-on-resume": (
+        "psoft_export/train.py",
+        'torch.set_rng_state(state["rng"])',
+        "pass",
+        ["tests/test_loop.py::test_resume_is_bit_identical_with_dropout"],
+    ),
+    "vector-b-axis": (
+        "psoft_export/adapters/psoft.py",
+        "R = self.vector_b[:, None] * R",
+        "R = R * self.vector_b[None, :]",
+        ["tests/test_float64_recompute.py"],
+    ),
+    "subspace-unrefined": (
+        "psoft_export/subspace.py",
+        "ANGLE_TOL = 1e-7",
+        'ANGLE_TOL = float("inf")',
+        ["tests/test_real_checkpoint.py::test_default_decomposition_is_the_exact_subspace"],
+    ),
+    "overwrite-foreign-dir": (
+        "psoft_export/atomic.py",
+        "if not (path / MARKER).is_file():",
+        "if False:",
+        ["tests/test_reliability.py::test_overwrite_only_replaces_what_psoft_export_wrote"],
+    ),
+    "verify-tolerance-10x": (
+        "psoft_export/verify.py",
+        '("safetensors", "float32"): 1e-4',
+        '("safetensors", "float32"): 1e-3',
+        ["tests/test_merge.py::test_verify_fails_just_above_its_tolerance"],
+    ),
+    "gguf-tolerance-10x": (
+        "psoft_export/verify.py",
+        '("gguf", "float32"): 2e-3',
+        '("gguf", "float32"): 2e-2',
+        ["tests/test_merge.py::test_each_runtime_route_fails_just_above_its_tolerance"],
+    ),
+    "divergence-after-step": (
+        "psoft_export/train.py",
+        "if not math.isfinite(loss_sum):",
+        "if False:",
+        ["tests/test_loop.py::test_non_finite_loss_stops_before_the_optimizer_step"],
+    ),
+    "streamed-read-untransposed": (
+        "psoft_export/checkpoint.py",
+        "return self.T.apply(Y)",
+        "return self.apply(Y)",
+        ["tests/test_decompose.py::test_weight_streamed_from_its_file_gives_the_same_subspace"],
+    ),
+    "peft-file-unchecked": (
+        "psoft_export/adapter_io.py",
+        "faithful = worst <= PEFT_FAITHFUL_RTOL",
+        "faithful = True",
+        ["tests/test_real_checkpoint.py::test_peft_file_is_written_only_when_peft_reproduces_it"],
+    ),
 }
 
 
 def copy_tree(dst: Path) -> None:
-    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    files = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     for rel in files:
         if rel.startswith("fixtures/"):
             continue
@@ -72,8 +130,13 @@ def pytest_in_copy(tests: list[str], edit=None) -> int:
         if edit is not None:
             edit(tmp)
         env = {**os.environ, "PYTHONPATH": str(tmp), "HF_HUB_OFFLINE": "1"}
-        return subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
-                              cwd=tmp, env=env, capture_output=True, text=True).returncode
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests],
+            cwd=tmp,
+            env=env,
+            capture_output=True,
+            text=True,
+        ).returncode
 
 
 def run(name: str) -> bool:

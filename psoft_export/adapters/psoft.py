@@ -18,7 +18,7 @@ from psoft_export.adapters import cayley as cay
 from psoft_export.adapters import fused
 from psoft_export.adapters.layout import features, is_fan_in_fan_out, is_linear, weight_out_in
 from psoft_export.errors import UserInputError
-from psoft_export.subspace import INITS, SVD_BACKENDS, Subspace, check_rank, principal_subspace, psoft_factors
+from psoft_export.subspace import INITS, SVD_BACKENDS, check_rank, principal_subspace, psoft_factors
 
 CAYLEY_MODES = ("exact", "neumann")
 
@@ -175,8 +175,9 @@ class PsoftLinear(nn.Module):
             return self.base_layer(x)
         if self._fusable():
             base = self.base_layer
-            return fused.psoft_linear(x, base.weight, base.bias, self.A, self.B, self._core(),
-                                      is_fan_in_fan_out(base), self.path)
+            return fused.psoft_linear(
+                x, base.weight, base.bias, self.A, self.B, self._core(), is_fan_in_fan_out(base), self.path
+            )
         y = self.base_layer(x)
         dtype = y.dtype
         xa = F.linear(self.dropout(x).to(dtype), self.A.to(dtype))

@@ -42,11 +42,13 @@ bfloat16 (we read through torch); ``GGUFWriter.add_tensor_info`` reads a ``uint8
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -107,6 +109,9 @@ DTYPES = {
     "bfloat16": (QType.BF16, LlamaFileType.MOSTLY_BF16),
     "q8_0": (QType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
 }
+
+
+Transform = Callable[[torch.Tensor], torch.Tensor]  # a float32 HF tensor -> the tensor to write (same layout)
 
 
 @dataclass
@@ -359,10 +364,10 @@ def tensor_names(hf_names: list[str], config: dict[str, Any], arch: str) -> list
     return out
 
 
-def _plan(model_dir: Path, config: dict[str, Any], arch: str, wanted: QType) -> list[_Planned]:
-    source = ModelSource(model_dir)  # header-checked, one tensor read at a time
+def _plan(source: ModelSource, config: dict[str, Any], arch: str, wanted: QType,
+          transform: Mapping[str, Transform]) -> list[_Planned]:
     plan = [_Planned(name, source.shape(hf_name), _storage_type(source.shape(hf_name), wanted),
-                     _loader(source, hf_name, heads))
+                     _loader(source, hf_name, heads, transform.get(hf_name)))
             for name, hf_name, heads in tensor_names(source.keys(), config, arch)]
     return sorted(plan + _extra_tensors(config), key=lambda p: _tensor_order(p.name))
 
@@ -377,21 +382,33 @@ def compare_tensors(gguf_path: Path, model_dir: Path, state: dict[str, torch.Ten
     arch = _gguf_arch(config)
     stored = {t.name: t for t in GGUFReader(str(gguf_path)).tensors}
     errors = {}
-    for name, hf_name, heads in tensor_names(list(state), config, arch):
-        if name not in stored:
-            raise UserInputError(f"{gguf_path} has no tensor {name}: not a merge of this model")
-        ref = state[hf_name].detach().to(torch.float32).numpy()
-        ref = ref if heads is None else interleave_rope_rows(ref, heads)
-        t = stored[name]
-        got = dequantize(t.data, t.tensor_type).reshape(ref.shape).astype(np.float64)
-        diff = float(np.abs(got - ref).max()) if ref.size else 0.0
-        errors[name] = (diff / max(float(np.abs(ref).max()), 1e-30) if ref.size else 0.0, diff)
+    with open(gguf_path, "rb") as f:  # read, not the reader's memory map: its touched pages would stay resident
+        for name, hf_name, heads in tensor_names(list(state), config, arch):
+            if name not in stored:
+                raise UserInputError(f"{gguf_path} has no tensor {name}: not a merge of this model")
+            ref = state[hf_name].detach().to(torch.float32).numpy()
+            ref = ref if heads is None else interleave_rope_rows(ref, heads)
+            ref = ref.reshape(ref.shape[0] if ref.ndim else 1, -1)
+            t, diff, scale = stored[name], 0.0, 0.0
+            row_bytes = t.n_bytes // ref.shape[0]
+            f.seek(t.data_offset)
+            for i in range(0, ref.shape[0], ROWS):  # a block of rows at a time: no tensor-sized float64 copies
+                raw = np.fromfile(f, np.uint8, row_bytes * len(ref[i:i + ROWS])).reshape(len(ref[i:i + ROWS]), -1)
+                got = dequantize(raw, t.tensor_type).reshape(ref[i:i + ROWS].shape)
+                diff = max(diff, float(np.abs(got - ref[i:i + ROWS]).max(initial=0.0)))
+                scale = max(scale, float(np.abs(ref[i:i + ROWS]).max(initial=0.0)))
+            errors[name] = (diff / max(scale, 1e-30) if ref.size else 0.0, diff)
     return errors
 
 
-def _loader(source: ModelSource, hf_name: str, rope_heads: int | None) -> Callable[[], np.ndarray]:
+ROWS = 1024  # rows per block when comparing a file's tensors
+
+
+def _loader(source: ModelSource, hf_name: str, rope_heads: int | None,
+            transform: Transform | None = None) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
-        array = source.tensor(hf_name).to(torch.float32).numpy()
+        tensor = source.tensor(hf_name).to(torch.float32)
+        array = (tensor if transform is None else transform(tensor)).numpy()
         return array if rope_heads is None else interleave_rope_rows(array, rope_heads)
 
     return load
@@ -405,11 +422,14 @@ def _extra_tensors(config: dict[str, Any]) -> list[_Planned]:
     return [_Planned("rope_freqs.weight", factors.shape, QType.F32, lambda: factors)]
 
 
-def export_model(model_dir: Path, out_path: Path, dtype: str = "float32") -> dict[str, Any]:
+def export_model(model_dir: Path, out_path: Path, dtype: str = "float32", source: ModelSource | None = None,
+                 transform: Mapping[str, Transform] | None = None) -> dict[str, Any]:
     """Write the HF model in ``model_dir`` (config.json, tokenizer.json, safetensors) as GGUF ``out_path``.
 
     ``dtype``: float32 | float16 | bfloat16 | q8_0 for 2-D weights (1-D tensors stay float32). Tensors are
-    read and written one at a time. Returns ``{"arch", "tensors", "dtype", "bytes"}``.
+    read and written one at a time: from ``source`` when given (another directory's weights), each widened to
+    float32 and, where ``transform`` has its HF key, replaced by ``transform[key](tensor)`` (the streamed merge
+    folds the adapter there). Returns ``{"arch", "tensors", "dtype", "bytes"}``.
     """
     model_dir, out_path = Path(model_dir), Path(out_path)
     if dtype not in DTYPES:
@@ -417,7 +437,7 @@ def export_model(model_dir: Path, out_path: Path, dtype: str = "float32") -> dic
     config = _read_json(model_dir / "config.json")
     arch = _gguf_arch(config)
     wanted, file_type = DTYPES[dtype]
-    plan = _plan(model_dir, config, arch, wanted)
+    plan = _plan(source or ModelSource(model_dir), config, arch, wanted, transform or {})
     writer = GGUFWriter(out_path, arch)
     writer.add_type(GGUFType.MODEL)
     writer.add_quantization_version(GGML_QUANT_VERSION)
@@ -430,7 +450,12 @@ def export_model(model_dir: Path, out_path: Path, dtype: str = "float32") -> dic
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
     for p in plan:
-        writer.write_tensor_data(_encode(p.load(), p.qtype))
+        try:
+            writer.write_tensor_data(_encode(p.load(), p.qtype))
+        except OSError as exc:  # numpy's tofile reports a short write without errno: on a file, the disk is full
+            if exc.errno is None and "requested and" in str(exc):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(out_path)) from exc
+            raise
     writer.close()
     return {"arch": arch, "tensors": len(plan), "dtype": dtype, "bytes": out_path.stat().st_size}
 

@@ -26,13 +26,13 @@ import torch
 from torch import nn
 
 from psoft_export.checkpoint import (
-    unmap_freed_tensors,
     INDEX,
     SINGLE,
     ModelSource,
-    st_dtype,
     prefix_variants,
     read_header,
+    st_dtype,
+    unmap_freed_tensors,
 )
 from psoft_export.errors import UserInputError
 

@@ -15,6 +15,7 @@ import click
 from psoft_export import __version__
 from psoft_export.defaults import DEFAULT_NITER, DEFAULT_OVERSAMPLE
 from psoft_export.errors import PsoftExportError, Terminated, interrupt, raise_pending
+from psoft_export.train_config import QUANTIZE_CHOICES
 
 ALLOW_PICKLE = "Also read pickled .bin weights (with weights_only=True); by default only safetensors are read."
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -98,7 +99,8 @@ def decompose(model_dir, out_dir, rank, targets, svd, niter, oversample, init, a
     from tqdm import tqdm
 
     from psoft_export.adapters.surgery import parse_targets
-    from psoft_export.decompose import decompose as run, format_table, ill_posed_warning
+    from psoft_export.decompose import decompose as run
+    from psoft_export.decompose import format_table, ill_posed_warning
 
     def progress(jobs):
         return tqdm(jobs, desc="decompose", unit="tensor", disable=None, leave=False)
@@ -141,6 +143,7 @@ def _help(name: str) -> str:
 @click.option("--lr", type=float, default=None, help=_help("lr"))
 @click.option("--batch-size", type=int, default=8, show_default=True, help=_help("batch_size"))
 @click.option("--grad-accum", type=int, default=1, show_default=True, help=_help("grad_accum"))
+@click.option("--global-batch-size", type=int, default=None, help=_help("global_batch_size"))
 @click.option("--seq-len", type=int, default=256, show_default=True, help=_help("seq_len"))
 @click.option("--cayley", type=click.Choice(["exact", "neumann"]), default=None, help=_help("cayley"))
 @click.option("--neumann-terms", type=int, default=6, show_default=True, help=_help("neumann_terms"))
@@ -158,6 +161,7 @@ def _help(name: str) -> str:
 @click.option("--weight-decay", type=float, default=0.0, show_default=True, help=_help("weight_decay"))
 @click.option("--resume", is_flag=True, help="Continue the interrupted run in OUTPUT from its last checkpoint.")
 @click.option("--seed", type=int, default=0, show_default=True, help=_help("seed"))
+@click.option("--quantize", type=click.Choice(QUANTIZE_CHOICES), default=None, help=_help("quantize"))
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
@@ -167,13 +171,16 @@ def train(model_dir, data, out_dir, decomposition, no_vectors, eval_data, resume
     """Train a PSOFT or OFTv2 adapter on a JSONL data set; writes a PEFT-compatible adapter directory.
 
     OUTPUT holds adapter_config.json + adapter_model.safetensors (PEFT loads them), the subspace
-    (decomposition/), train_log.jsonl, loss.png and checkpoints/ for --resume.
+    (decomposition/), train_log.jsonl, loss.png and checkpoints/ for --resume. Under torchrun
+    (torchrun --nproc_per_node N -m psoft_export train ...) each rank trains on its share of every
+    global batch and rank 0 writes OUTPUT (docs/train.md).
     """
     import json
 
     from tqdm import tqdm
 
-    from psoft_export.train import TrainConfig, train as run
+    from psoft_export.train import TrainConfig
+    from psoft_export.train import train as run
 
     cfg = TrainConfig(vectors=not no_vectors, **options)
     interactive = sys.stderr.isatty()
@@ -193,6 +200,8 @@ def train(model_dir, data, out_dir, decomposition, no_vectors, eval_data, resume
 
     summary = run(model_dir, data, out_dir, cfg, decomposition=decomposition, eval_data=eval_data, resume=resume,
                   overwrite=overwrite, progress=progress, on_log=on_log, allow_pickle=allow_pickle)
+    if summary is None:  # a rank other than 0 under torchrun: rank 0 reports
+        return
     form = summary["peft_form"]
     if not form["faithful"]:
         click.echo(f"note: PEFT's PSOFT files were not written: {form['reason']} (> {form['tolerance']:.0e}); the "
@@ -208,10 +217,10 @@ def train(model_dir, data, out_dir, decomposition, no_vectors, eval_data, resume
 
 
 def _print_report(report: dict) -> None:
-    for name, o in report["outputs"].items():
-        status = "ok" if o["rel_err"] <= report["tolerance"] else "FAIL"
-        click.echo(f"  {name}: max abs err {o['max_abs_err']:.3e}, rel err {o['rel_err']:.3e} "
-                   f"(tolerance {report['tolerance']:.0e}) {status}")
+    from psoft_export.verification import report_lines
+
+    for line in report_lines(report):
+        click.echo(f"  {line}")
 
 
 @cli.command(context_settings=CONTEXT)
@@ -241,8 +250,8 @@ def merge(model_dir, adapter_dir, fmt, split, out_dir, dtype, quant, lora_rank, 
     --split           safetensors: adapter/ + lora/ | onnx: model.onnx + adapter.onnx_adapter
                       | gguf: model.gguf + adapter.gguf (llama.cpp LoRA)
     The export is written to a temporary directory and renamed only after verification passes; one that fails is
-    kept as OUT.unverified (exit 1) unless --strict. Merged safetensors is streamed tensor by tensor (the model is
-    never built): peak memory about one tensor plus the adapter, before verification.
+    kept as OUT.unverified (exit 1) unless --strict. Merged safetensors and GGUF are streamed tensor by tensor (the
+    model is never built): peak memory about one tensor plus the adapter; verification holds one float32 model.
     """
     import json
 
@@ -263,6 +272,17 @@ def merge(model_dir, adapter_dir, fmt, split, out_dir, dtype, quant, lora_rank, 
                    f"{summary['lora_approximation']['max_rel_err']:.3e}")
     if summary["verification"]:
         _print_report(summary["verification"])
+    if summary.get("quantized_base"):
+        _print_quantized(summary["quantized_base"])
+
+
+def _print_quantized(q: dict) -> None:
+    click.echo(f"  trained over a {q['quant_type']} base: folded into {q['dequantized']} dequantized weights, written "
+               f"as {q['written_as']}")
+    gap = q.get("vs_trained_model")
+    if gap:
+        click.echo(f"  vs the 4-bit model as trained: rel err {gap['as_trained_rel_err']:.3e}; vs bitsandbytes' CPU "
+                   f"inference kernel (bf16 absmax): {gap['bnb_cpu_inference_rel_err']:.3e}")
 
 
 @cli.command(context_settings=CONTEXT)

@@ -131,8 +131,8 @@ def build_adapter(case: Case, out: Path) -> None:
 
     from psoft_export import adapter_io
     from psoft_export.decomposition import MANIFEST_FILE, decompose
+    from psoft_export.models import reference_model
     from psoft_export.train import TrainConfig, train
-    from psoft_export.verify import reference_model
 
     model_dir = MODELS / case.model
     cfg = TrainConfig(**{"seq_len": 64, "batch_size": 8, "log_every": 5, "steps": 1, "seed": SEED, **case.options})
@@ -270,7 +270,9 @@ def summarize(array) -> dict:
 
 def run_outputs(export_dir: Path, model_dir: Path) -> dict[str, dict]:
     """Run the export in its runtime on the fixed inputs; summaries of its main output(s) over real positions."""
-    from psoft_export.verify import RUNTIMES, _masked, fixed_inputs, read_export
+    from psoft_export.models import fixed_inputs
+    from psoft_export.models import masked as _masked
+    from psoft_export.verification import RUNTIMES, read_export
 
     info = read_export(export_dir)
     kind = info["kind"]
@@ -368,7 +370,7 @@ def output_errors(old: dict, new: dict) -> dict[str, Any]:
 
 def compare(golden: dict, got: dict, where: str, tol: float) -> list[str]:
     """Every disagreement of ``got`` with ``golden``, one line each, prefixed ``golden drift: <where>:``: structure
-    exactly, outputs within ``tol`` (the route's ``verify.TOLERANCES`` entry) relative to the output scale."""
+    exactly, outputs within ``tol`` (the route's ``verification.TOLERANCES`` entry) relative to the output scale."""
     lines = [f"golden drift: {where}: {d}" for d in structure_diff(golden["structure"], got["structure"])]
     for name, err in output_errors(golden["outputs"], got["outputs"]).items():
         if isinstance(err, str):

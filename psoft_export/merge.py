@@ -17,9 +17,9 @@ unless ``--lora-rank K`` asks for a truncated-SVD approximation, whose error is 
 written to a temporary directory, verified in its runtime (unless ``--no-verify``) and only then renamed; an
 export that fails verification is kept as ``OUT.unverified`` (``strict``: removed).
 
-Merged safetensors is streamed (``converters/safetensors.py``): the model is never built, each weight is read,
-folded by its adapter layer alone (:func:`psoft_export.adapters.fold_weight`) and written, in the source's dtype
-unless ``dtype`` says otherwise. Other routes build the model in float32 and default to float32.
+Merged safetensors and GGUF are streamed (``converters/safetensors.py``, ``converters/gguf_stream.py``): the model
+is never built, each weight is read, folded by its adapter layer alone (:func:`psoft_export.adapters.fold_weight`) and
+written (safetensors: in the source's dtype unless ``dtype`` says otherwise). Other routes build the float32 model.
 """
 
 from __future__ import annotations
@@ -34,13 +34,21 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from psoft_export import __version__, adapter_io
-from psoft_export.adapters import OftLinear, PsoftLinear, adapter_layers, fold_weight, merge_and_unload, select_targets, unload
+from psoft_export import __version__, adapter_io, quantized
+from psoft_export.adapters import (
+    OftLinear,
+    adapter_layers,
+    fold_weight,
+    merge_and_unload,
+    select_targets,
+)
 from psoft_export.adapters.layout import is_fan_in_fan_out
+from psoft_export.adapters.lora import approximated_model, lora_form  # noqa: F401  (re-exported)
 from psoft_export.atomic import MARKER, atomic_output_dir, check_output_dir, mark
 from psoft_export.checkpoint import INDEX, SINGLE, load_config, load_tokenizer, loading_kwargs
 from psoft_export.errors import UserInputError, VerificationError
-from psoft_export.verify import EXPORT_FILE, EXPORT_FORMAT, base_skeleton, model_kind, reference_model, verify_export
+from psoft_export.models import base_skeleton, model_kind, reference_model
+from psoft_export.verification import EXPORT_FILE, EXPORT_FORMAT, trained_model_gap, verify_export
 
 FORMATS = ("safetensors", "onnx", "gguf")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -48,54 +56,8 @@ SOURCE = "source"  # --dtype default: the source's dtype where the route keeps i
 UNVERIFIED = ".unverified"  # suffix of the directory a failed verification leaves the export in
 QUANTS = ("q8_0",)
 GGUF_TYPES = ("llama", "mistral", "qwen2")
+STREAMED = ("safetensors", "gguf")  # merged exports written tensor by tensor from the source files
 ADAPTER_FILES = (adapter_io.CONFIG_FILE, adapter_io.WEIGHTS_FILE, adapter_io.META_FILE, adapter_io.OURS_FILE)
-
-
-# ------------------------------------------------------------------------------------------ LoRA forms
-
-def lora_form(model: nn.Module, lora_rank: Optional[int] = None) -> tuple[dict, float, dict]:
-    """``({module: (A (r, in), B (out, r))}, alpha, approximation errors)`` of every adapter layer.
-
-    PSOFT is exact (METHODS.md §5: ``lora_A = (R - I) A``, ``lora_B = B``, ``alpha`` as trained). OFT needs
-    ``lora_rank``: the best rank-K approximation of ``W (R^T - I)`` (truncated SVD, scale 1), with its error
-    ``||dW - B A||_F / ||dW||_F`` per module.
-    """
-    layers = adapter_layers(model)
-    psoft = [l for l in layers.values() if isinstance(l, PsoftLinear)]
-    if psoft and lora_rank is None:
-        with torch.no_grad():
-            return {n: tuple(t.detach().float() for t in l.lora_factors()) for n, l in layers.items()}, \
-                float(psoft[0].config.alpha), {}
-    if lora_rank is None:
-        raise UserInputError("OFT's update is full rank and this target only takes LoRA adapters: pass "
-                             "--lora-rank K for a truncated-SVD approximation (its error is reported), or export merged")
-    factors, errors = {}, {}
-    with torch.no_grad():
-        for name, layer in layers.items():
-            delta = layer.delta_weight().double()
-            if not 0 < lora_rank <= min(delta.shape):
-                raise UserInputError(f"--lora-rank {lora_rank} does not fit {name} {tuple(delta.shape)}: choose 1..{min(delta.shape)}")
-            U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-            B, A = U[:, :lora_rank] * S[:lora_rank], Vh[:lora_rank]
-            errors[name] = float(torch.linalg.norm(delta - B @ A) / torch.linalg.norm(delta).clamp_min(1e-30))
-            factors[name] = (A.float(), B.float())
-    return factors, float(lora_rank), errors
-
-
-def approximated_model(reference: nn.Module, lora_rank: int) -> nn.Module:
-    """A copy of the base with the rank-K LoRA approximation of ``reference``'s adapter merged: what a
-    ``--lora-rank`` export holds."""
-    import copy
-
-    from psoft_export.adapters.layout import weight_out_in
-
-    factors, alpha, _ = lora_form(reference, lora_rank)
-    base = unload(copy.deepcopy(reference))
-    with torch.no_grad():
-        for name, (A, B) in factors.items():
-            W = weight_out_in(base.get_submodule(name))
-            W.add_((alpha / A.shape[0] * B.double() @ A.double()).to(W.dtype))
-    return base
 
 
 def peft_lora_config(targets: list[str], rank: int, alpha: float, base_model: str, task_type: Optional[str],
@@ -142,13 +104,16 @@ def _merged(to: str, model, model_dir: Path, tmp: Path, dtype: str, quant: Optio
 
 
 class _Stream:
-    """A streamed merged safetensors export, planned: the meta skeleton, the adapter as read, the fold per adapted
-    weight, the head tensors saved with the adapter, and the output files."""
+    """A streamed merged safetensors or GGUF export, planned: the meta skeleton, the adapter as read, the fold per
+    adapted weight, the head tensors saved with the adapter, and the output files (GGUF: the source tensors by the
+    model's names)."""
 
-    def __init__(self, model_dir: Path, adapter_dir: Path, dtype: str, kind: str, classes: Optional[list]) -> None:
+    def __init__(self, model_dir: Path, adapter_dir: Path, dtype: str, kind: str, classes: Optional[list],
+                 to: str = "safetensors") -> None:
+        from converters import gguf_stream
         from converters import safetensors as conv
 
-        self.model_dir, self.dtype = model_dir, dtype
+        self.model_dir, self.dtype, self.to = model_dir, dtype, to
         self.skeleton = base_skeleton(model_dir, kind, classes, adapter_dir)
         self.adapter = adapter_io.read_adapter(adapter_dir, self.skeleton, model_dir)
         self.extra = {}
@@ -161,7 +126,8 @@ class _Stream:
             self.extra.update({f"{name}.{p}": t for p, t in state.items()})
         self.fold = {f"{name}.weight": functools.partial(self._fold, name, is_fan_in_fan_out(self.skeleton.get_submodule(name)))
                      for name in select_targets(self.skeleton, self.adapter.targets)}  # what inject would adapt
-        self.files = conv.plan(model_dir, self.skeleton, dtype, self.extra)
+        self.files = (conv.plan(model_dir, self.skeleton, dtype, self.extra) if to == "safetensors"
+                      else gguf_stream.plan(model_dir, self.skeleton))
 
     def _fold(self, name: str, fan_in_fan_out: bool, weight: torch.Tensor) -> torch.Tensor:
         return fold_weight(weight, fan_in_fan_out, lambda base: adapter_io.adapter_layer(self.adapter, name, base))
@@ -169,13 +135,17 @@ class _Stream:
     def write(self, out: Path) -> list[str]:
         from converters import safetensors as conv
 
+        if self.to == "gguf":
+            from converters import gguf_stream
+
+            return gguf_stream.export_merged(self.model_dir, out, self.skeleton, self.dtype, self.fold, self.files)
         conv.export_merged(self.model_dir, out, self.skeleton, self.dtype, self.fold, self.extra, self.files)
         load_tokenizer(self.model_dir).save_pretrained(out)
         return sorted(p.name for p in out.iterdir())
 
 
 def _stream_plan(model_dir: Path, adapter_dir: Path, dtype: str, kind: str, classes: Optional[list],
-                 allow_pickle: bool) -> tuple[Optional[_Stream], Optional[str]]:
+                 allow_pickle: bool, to: str = "safetensors") -> tuple[Optional[_Stream], Optional[str]]:
     """The streamed export, or why this checkpoint takes the in-memory route (pickled weights; a tensor the model
     class initializes because the files lack it)."""
     from converters.safetensors import NotStreamable
@@ -184,9 +154,23 @@ def _stream_plan(model_dir: Path, adapter_dir: Path, dtype: str, kind: str, clas
         return None, "no safetensors weights"
     loading_kwargs(model_dir, allow_pickle)  # the checks from_pretrained's route makes first
     try:
-        return _Stream(model_dir, adapter_dir, dtype, kind, classes), None
+        return _Stream(model_dir, adapter_dir, dtype, kind, classes, to), None
     except NotStreamable as exc:
         return None, str(exc)
+
+
+def _reference_loader(model: Optional[nn.Module], model_dir: Path, adapter_dir: Path, allow_pickle: bool,
+                      stage: Callable[[str], None]) -> Callable[[], nn.Module]:
+    """The reference for ``verify_export``, handed over rather than shared (it can then drop it before loading the
+    export: one model in memory at a time); loaded on demand when the export did not need it."""
+    held = [model]
+
+    def load() -> nn.Module:
+        if held[0] is None:
+            stage("loading the reference model (float32, with the adapter)")
+            return reference_model(model_dir, adapter_dir, allow_pickle)[0]
+        return held.pop()
+    return load
 
 
 def resolve_dtype(model_dir: Path, to: str, split: bool, dtype: Optional[str]) -> tuple[str, str]:
@@ -277,6 +261,31 @@ def _write_lora_dir(model, model_dir: Path, adapter_dir: Path, out: Path, lora_r
     return errors
 
 
+# ------------------------------------------------------------------------------------------ a quantized base (QOFT)
+
+def quantized_base(adapter_dir: Path, to: str, split: bool) -> Optional[dict]:
+    """The adapter's ``quantized_base`` record (``None``: trained over float weights); refuses the routes that do not
+    reproduce a quantized base yet."""
+    record = quantized.record_of(adapter_io.read_meta(adapter_dir))
+    if record is not None and (split or to != "safetensors"):
+        raise UserInputError(f"{adapter_dir} was trained over a {record['quant_type']} base: it exports merged --to "
+                             "safetensors only (folded into the dequantized weights); drop --split / use --to "
+                             "safetensors")
+    return record
+
+
+def _dequantize_in_export(stream: Optional[_Stream], record: dict, dtype: str) -> dict:
+    """Have the export fold into the dequantized weights the adapter was trained over, and say so. Streamed: each
+    quantized weight is round-tripped before its fold; in memory: :func:`verify.reference_model` (the model this
+    route merges) already holds the round-tripped weights."""
+    if stream is not None:
+        keys = {e.key for f in stream.files for e in f.entries}
+        quantized.round_trip_folds(stream.fold, record, keys.__contains__)
+    return {"library": record["library"], "version": record.get("version"), "quant_type": record["quant_type"],
+            "blocksize": record["blocksize"], "dequantized": len(record["modules"]), "modules": record["modules"],
+            "written_as": dtype, "folded_into": "dequant(quant(W)) of every quantized weight, as trained, then R"}
+
+
 # ------------------------------------------------------------------------------------------ the verb
 
 def check_request(model_dir: Path, adapter_dir: Path, to: str, split: bool, dtype: str, quant: Optional[str],
@@ -300,6 +309,7 @@ def check_request(model_dir: Path, adapter_dir: Path, to: str, split: bool, dtyp
                              "use --to safetensors or --to onnx")
     peft = adapter_io.read_config(adapter_dir)
     adapter_io.method_config(peft, str(adapter_dir))
+    quantized_base(adapter_dir, to, split)
     kind, _ = model_kind(model_dir, adapter_dir)
     if split and kind == "classify" and to != "safetensors":
         raise UserInputError(f"a classification adapter carries a new head: export it merged (drop --split) for --to {to}")
@@ -324,9 +334,10 @@ def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, t
     check_request(model_dir, adapter_dir, to, split, dtype, quant, lora_rank)
     check_output_dir(out_dir, overwrite, inputs=[model_dir, adapter_dir])
     stream, why = None, None
-    if to == "safetensors" and not split:
+    if to in STREAMED and not split:
         stage("planning the streamed export (no model is built)")
-        stream, why = _stream_plan(model_dir, adapter_dir, dtype, *model_kind(model_dir, adapter_dir), allow_pickle)
+        stream, why = _stream_plan(model_dir, adapter_dir, quant or dtype, *model_kind(model_dir, adapter_dir),
+                                   allow_pickle, to)
     model = None
     if stream is None:
         stage("loading the model and the adapter")
@@ -336,10 +347,13 @@ def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, t
     info = {"format": EXPORT_FORMAT, "to": to, "split": split, "dtype": dtype, "dtype_from": dtype_from, "quant": quant,
             "lora_rank": lora_rank, "kind": kind, "classes": classes, "model": str(model_dir), "adapter": str(adapter_dir),
             "method": adapter_io.read_config(adapter_dir)["peft_type"].lower(), "psoft_export": __version__}
-    if to == "safetensors" and not split:
+    if to in STREAMED and not split:
         info["streamed"] = stream is not None
         if why:
             info["in_memory_because"] = why
+    record = quantized_base(adapter_dir, to, split)
+    if record is not None:
+        info["quantized_base"] = _dequantize_in_export(stream, record, dtype)
     with atomic_output_dir(out_dir, overwrite, inputs=[model_dir, adapter_dir], command="merge") as tmp:
         stage(f"writing the {'split' if split else 'merged'} {to} export" + (" tensor by tensor" if stream else ""))
         if stream is not None:
@@ -353,12 +367,10 @@ def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, t
             info["lora_approximation"] = {"max_rel_err": max(errors.values()), "per_module": errors}
         (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
         if verify:
-            if model is None:
-                stage("loading the reference model (float32, with the adapter)")
-                model, _, _ = reference_model(model_dir, adapter_dir, allow_pickle)
-            stage("verifying it in its runtime")
             compare_to = approximated_model(model, lora_rank) if lora_rank else None
-            report = verify_export(tmp, info, model_dir, model, kind, texts, compare_to)
+            load, model = _reference_loader(model, model_dir, adapter_dir, allow_pickle, stage), None
+            stage("verifying it in its runtime")
+            report = verify_export(tmp, info, model_dir, load, kind, texts, compare_to)
             info["verification"] = report.to_dict()
             (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
             if not report.ok:
@@ -369,6 +381,11 @@ def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, t
                                             + ("" if strict else f" ({out_dir}{UNVERIFIED} is in the way)"))
                 raise VerificationError(failed + f" — the export is kept, unverified, in {kept} "
                                         "(--strict keeps nothing)")
+            if record is not None:
+                stage("measuring the export against the quantized-base model that was trained")
+                info["quantized_base"]["vs_trained_model"] = trained_model_gap(
+                    tmp, model_dir, adapter_dir, kind, classes, record, texts, allow_pickle)
+                (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return {"output": str(out_dir), **{k: info[k] for k in ("to", "split", "dtype", "dtype_from", "quant", "files")},
             "streamed": info.get("streamed"), "verification": info.get("verification"),
-            "lora_approximation": info.get("lora_approximation")}
+            "lora_approximation": info.get("lora_approximation"), "quantized_base": info.get("quantized_base")}

@@ -23,22 +23,27 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from psoft_export import adapter_io, data as data_mod
+from psoft_export import adapter_io, distributed, quantized
+from psoft_export import data as data_mod
 from psoft_export.adapters import adapter_layers, inject, parse_targets, select_targets
 from psoft_export.adapters.cayley import orthogonality_error
 from psoft_export.atomic import atomic_file, check_output_dir, check_overlap, mark, output_lock, storage_failure
 from psoft_export.checkpoint import (
-    file_sha256, load_config, load_tokenizer, loading_kwargs, weights_identity,
+    file_sha256,
+    load_config,
+    load_tokenizer,
+    loading_kwargs,
+    weights_identity,
 )
 from psoft_export.decomposition import Decomposition, resolve_device
 from psoft_export.errors import PsoftExportError, UserInputError
+from psoft_export.models import ENCODERS
 from psoft_export.train_config import TrainConfig, lr_at
 
 CHECKPOINTS = "checkpoints"
 LOG_FILE = "train_log.jsonl"
 PLOT_FILE = "loss.png"
 KEEP_CHECKPOINTS = 2
-ENCODERS = ("bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta")
 
 
 class TrainingDiverged(PsoftExportError):
@@ -70,6 +75,7 @@ class Run:
     # What the run is tied to, checked on --resume: the data files' hashes and (OFT: PSOFT's decomposition already
     # holds them) the hashes of the targeted base weights.
     identity: dict = field(default_factory=dict)
+    world: distributed.World = field(default_factory=distributed.World)  # the ranks under torchrun
 
 
 def _precision(precision: str, device: str) -> Optional[torch.dtype]:
@@ -81,12 +87,13 @@ def _precision(precision: str, device: str) -> Optional[torch.dtype]:
 
 
 def _load_model(model_dir: Path, kind: str, classes: list, tokenizer, dtype, device: str,
-                safe: dict) -> tuple[nn.Module, list[str]]:
+                safe: dict, quantize: Optional[str] = None) -> tuple[nn.Module, list[str]]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging
 
     config = load_config(model_dir)
     base_dtype = dtype if dtype is not None else torch.float32
+    safe = {**safe, **quantized.load_kwargs(quantize, base_dtype, device, kind)}  # QOFT: a 4-bit base (quantized.py)
     if kind != "classify" and config.model_type in ENCODERS:
         raise UserInputError(
             f"{model_dir} is an encoder ({config.model_type}): train it on {{\"text\", \"label\"}} data "
@@ -118,12 +125,15 @@ def _load_model(model_dir: Path, kind: str, classes: list, tokenizer, dtype, dev
         heads = []
     for head in heads:
         model.get_submodule(head).float()
+    if quantize:  # placed by device_map already (bitsandbytes models refuse .to)
+        quantized.prepare_model(model)
+        return model, heads
     return model.to(device), heads
 
 
 def prepare(model_dir: str | Path, data: str | Path, cfg: TrainConfig, decomposition: Optional[str | Path] = None,
             eval_data: Optional[str | Path] = None, decompose_into: Optional[Path] = None,
-            allow_pickle: bool = False) -> Run:
+            allow_pickle: bool = False, world: distributed.World = distributed.ONE_PROCESS) -> Run:
     """Validate every input and build the adapted model; raises :class:`UserInputError` before any output.
 
     PSOFT without ``decomposition`` decomposes the model into ``decompose_into`` (the same code as the
@@ -163,20 +173,20 @@ def prepare(model_dir: str | Path, data: str | Path, cfg: TrainConfig, decomposi
     train_set = data_mod.tokenize(records, kind, tokenizer, cfg.seq_len, classes)
     eval_set = data_mod.tokenize(eval_records[1], kind, tokenizer, cfg.seq_len, classes) if eval_records else None
     torch.manual_seed(cfg.seed)  # new heads are initialized from this seed
-    model, heads = _load_model(model_dir, kind, classes, tokenizer, dtype, device, safe)
+    model, heads = _load_model(model_dir, kind, classes, tokenizer, dtype, device, safe, cfg.quantize)
     inject(model, method_cfg, _targets(model, cfg, decomp, heads), decomp.factors_for(model, device) if decomp is not None else None)
     for head in heads:
         model.get_submodule(head).requires_grad_(True)
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    per_epoch = math.ceil(len(train_set) / cfg.batch_size / cfg.grad_accum)
+    per_epoch = math.ceil(len(train_set) / cfg.batch_size / cfg.grad_accum / world.size)
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * per_epoch))
     identity = {"data": file_sha256(Path(data)), "eval_data": file_sha256(Path(eval_data)) if eval_data else None,
                 # (pickled checkpoints, read with --allow-pickle, are not hashed: ModelSource reads safetensors only)
                 "base_weights": None if decomp is not None or not safe["use_safetensors"] else weights_identity(
                     model_dir, list(adapter_layers(model)), getattr(model, "base_model_prefix", ""))}
-    return Run(cfg, model, tokenizer, train_set, eval_set, device, dtype, heads, total, decomp, identity)
+    return Run(cfg, model, tokenizer, train_set, eval_set, device, dtype, heads, total, decomp, identity, world)
 
 
 def _check_positions(model_dir: Path, seq_len: int) -> None:
@@ -218,14 +228,18 @@ def _checkpoint_paths(out_dir: Path) -> list[Path]:
 
 
 def save_checkpoint(out_dir: Path, run: Run, optimizer, step: int, history: list[dict]) -> Path:
-    """``checkpoints/step-NNNNNNN.pt`` written to a temporary name and renamed; keeps the newest few."""
+    """``checkpoints/step-NNNNNNN.pt`` written to a temporary name and renamed; keeps the newest few. Under torchrun
+    rank 0 writes it and every rank returns its name."""
+    folder = out_dir / CHECKPOINTS
+    path = folder / f"step-{step:07d}.pt"
+    if not run.world.is_main:
+        return path
     trainable = {n: p.detach().cpu() for n, p in run.model.named_parameters() if p.requires_grad}
     state = {"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(), "history": history,
              "rng": torch.get_rng_state(), "config": asdict(run.cfg), "identity": run.identity,
-             "cuda_rng": torch.cuda.get_rng_state() if run.device == "cuda" else None}
-    folder = out_dir / CHECKPOINTS
+             "cuda_rng": torch.cuda.get_rng_state() if run.device == "cuda" else None,
+             "world_size": run.world.size, "global_batch": run.cfg.batch_size * run.cfg.grad_accum * run.world.size}
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"step-{step:07d}.pt"
     buffer = io.BytesIO()  # serialized first (adapter-sized): torch.save's own writer hides ENOSPC's errno
     torch.save(state, buffer)
     try:
@@ -253,6 +267,8 @@ def load_checkpoint(out_dir: Path, cfg: TrainConfig) -> dict:
         raise UserInputError(f"--resume: checkpoint {paths[-1]} is damaged ({type(exc).__name__}): move it away to "
                              f"resume from the previous checkpoint{earlier}, or start again") from None
     ignore = {"save_every", "eval_every", "log_every", "device", "grad_checkpointing"}
+    if stored.global_batch_size is not None and stored.global_batch_size == cfg.global_batch_size:
+        ignore |= {"batch_size", "grad_accum"}  # another split of the same global batch: distributed.check_resume
     changed = [f.name for f in fields(TrainConfig) if f.name not in ignore and getattr(stored, f.name) != getattr(cfg, f.name)]
     if changed:
         raise UserInputError(f"--resume: {', '.join('--' + c.replace('_', '-') for c in changed)} differ from the "
@@ -316,12 +332,13 @@ def evaluate(run: Run, data: data_mod.Dataset) -> float:
     """Mean loss over ``data`` (token-weighted for language modelling, row-weighted for classification)."""
     run.model.eval()
     total, count = 0.0, 0
-    for rows in data_mod.batches(data, run.cfg.batch_size, seed=0, epoch=0):
+    for rows in run.world.shard(data_mod.batches(data, run.cfg.batch_size, seed=0, epoch=0)):
         batch = _to(data_mod.collate([data.rows[i] for i in rows], run.tokenizer.pad_token_id), run.device)
         with _autocast(run):
             loss = run.model(**batch).loss.float()
         n = len(rows) if data.kind == "classify" else int((batch["labels"][:, 1:] != data_mod.IGNORE).sum())
         total, count = total + float(loss) * n, count + n
+    total, count = run.world.sum([total, count], run.device)
     run.model.train()
     return total / max(count, 1)
 
@@ -365,6 +382,7 @@ def train_loop(run: Run, out_dir: Path, resume: bool = False, progress: Optional
     if resume:
         state = load_checkpoint(out_dir, cfg)
         _check_identity(run, state.get("identity"))
+        distributed.check_resume(state, cfg, run.world, model)
         named = dict(model.named_parameters())
         with torch.no_grad():
             for name, value in state["trainable"].items():
@@ -376,8 +394,8 @@ def train_loop(run: Run, out_dir: Path, resume: bool = False, progress: Optional
         start, history = state["step"], state["history"]
     else:
         torch.manual_seed(cfg.seed)
-    batches = data_mod.iterate(run.train_set, cfg.batch_size, cfg.seed, run.tokenizer.pad_token_id,
-                               start=start * cfg.grad_accum)
+    distributed.start_together(run.world, params, run.identity)
+    feed = distributed.step_batches(run.train_set, cfg, run.world, run.tokenizer.pad_token_id, start)
     model.train()
     steps = range(start, run.total_steps)
     bar = progress(steps) if progress else steps
@@ -385,16 +403,18 @@ def train_loop(run: Run, out_dir: Path, resume: bool = False, progress: Optional
     with _Signals() as signals:
         for step in bar:
             t0 = time.perf_counter()
+            distributed.reseed(run.world, cfg.seed, step)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, run.total_steps, cfg.peak_lr, cfg.warmup)
             losses, tokens = [], 0
-            for _ in range(cfg.grad_accum):
-                batch = next(batches)
+            for batch, divisor in next(feed):  # divisor: --grad-accum, or the global batch's share (distributed.py)
                 tokens += int(batch["attention_mask"].sum())  # on the host, before the copy: no device sync
                 with _autocast(run):
-                    loss = model(**_to(_inputs(batch), run.device)).loss / cfg.grad_accum
+                    loss = model(**_to(_inputs(batch), run.device)).loss / divisor
                 (scaler.scale(loss) if scaler else loss).backward()
                 losses.append(loss.detach())
+            if run.world.size > 1:  # sum the trainable gradients (still scaled: fp16 skips a step on every rank)
+                losses, tokens, agreed = distributed.all_reduce_step(params, losses, tokens, signals.received)
             if scaler:
                 scaler.unscale_(optimizer)
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
@@ -418,10 +438,11 @@ def train_loop(run: Run, out_dir: Path, resume: bool = False, progress: Optional
                 on_log(record)
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{loss_sum:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or signals.received:
+            received = signals.received if run.world.size == 1 else agreed  # ranks stop at the same step
+            if (cfg.save_every and (step + 1) % cfg.save_every == 0) or received:
                 last_good = save_checkpoint(out_dir, run, optimizer, step + 1, history)
-            if signals.received:
-                code = 130 if signals.received == signal.SIGINT else 143
+            if received:
+                code = 130 if received == signal.SIGINT else 143
                 raise Interrupted(f"interrupted at step {step + 1}; checkpoint {last_good} written: "
                                   "continue with --resume", code)
     if last_good is None or not last_good.name.endswith(f"{run.total_steps:07d}.pt"):
@@ -439,15 +460,45 @@ def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: Tra
 
     The adapter's subspace lives in ``out_dir/decomposition``: a copy of ``decomposition`` or computed here.
     Bad input fails before ``out_dir`` exists; a failed run keeps its checkpoints for ``--resume``.
+    Under torchrun (``WORLD_SIZE`` set) this process is one rank of a data-parallel run (distributed.py); ranks
+    other than 0 write nothing and return None.
     """
     out_dir = Path(out_dir).absolute()
-    with output_lock(out_dir):
-        return _train_locked(model_dir, data, out_dir, cfg, decomposition, eval_data, resume, overwrite, progress,
-                             on_log, allow_pickle)
+    world = distributed.detect()
+    cfg = cfg.for_world(world.size)  # a --global-batch-size the ranks cannot split is refused before any wait
+    with distributed.process_group(world, cfg.device) as world:
+        if not world.is_main:
+            return _train_replica(model_dir, data, out_dir, cfg, decomposition, eval_data, resume, allow_pickle, world)
+        with output_lock(out_dir):
+            summary = _train_locked(model_dir, data, out_dir, cfg, decomposition, eval_data, resume, overwrite,
+                                    progress, on_log, allow_pickle, world)
+        distributed.meet(world, "done")
+        return summary
+
+
+def _train_replica(model_dir, data, out_dir: Path, cfg: TrainConfig, decomposition, eval_data, resume: bool,
+                   allow_pickle: bool, world: distributed.World) -> None:
+    """A rank other than 0: trains its share and writes nothing; it reads the subspace (and, resuming, the
+    checkpoint) that rank 0 wrote into ``out_dir``, which therefore lies on a filesystem every node shares."""
+    stored = out_dir / adapter_io.DECOMPOSITION_DIR
+    subspace = stored if resume or decomposition is None else decomposition  # as rank 0 reads it
+    if cfg.method == "psoft" and subspace == stored and not resume:
+        distributed.wait_for_main(world, "setup")  # rank 0 decomposes the base into out_dir first
+    needed = ([out_dir] if resume else []) + ([stored] if cfg.method == "psoft" and subspace == stored else [])
+    for path in needed:
+        if not path.is_dir():
+            raise UserInputError(f"rank {world.rank}: {path}, written by rank 0, is not visible here: -o must be "
+                                 "on a filesystem every node shares")
+    run = prepare(model_dir, data, cfg, subspace if cfg.method == "psoft" else None, eval_data,
+                  allow_pickle=allow_pickle, world=world)
+    distributed.meet(world, "setup")
+    train_loop(run, out_dir, resume)
+    distributed.meet(world, "done")
 
 
 def _train_locked(model_dir, data, out_dir: Path, cfg: TrainConfig, decomposition, eval_data, resume: bool,
-                  overwrite: bool, progress, on_log, allow_pickle: bool) -> dict:
+                  overwrite: bool, progress, on_log, allow_pickle: bool,
+                  world: distributed.World = distributed.ONE_PROCESS) -> dict:
     stored = out_dir / adapter_io.DECOMPOSITION_DIR
     inputs = [model_dir, data, eval_data, decomposition]
     if resume:
@@ -455,13 +506,13 @@ def _train_locked(model_dir, data, out_dir: Path, cfg: TrainConfig, decompositio
             raise UserInputError(f"--resume: {out_dir} does not exist: start without --resume")
         check_overlap(out_dir, [i for i in inputs if i is not decomposition])
         run = prepare(model_dir, data, cfg, stored if cfg.method == "psoft" else None, eval_data,
-                      allow_pickle=allow_pickle)
+                      allow_pickle=allow_pickle, world=world)
     else:
         check_output_dir(out_dir, overwrite, inputs)
         staging = out_dir.with_name(f".{out_dir.name}.decomposition-{os.getpid()}")
         try:
             run = prepare(model_dir, data, cfg, decomposition, eval_data, decompose_into=staging,
-                          allow_pickle=allow_pickle)
+                          allow_pickle=allow_pickle, world=world)
             if out_dir.exists():
                 shutil.rmtree(out_dir)  # check_output_dir made sure it is ours (marker) and no input
             out_dir.mkdir(parents=True)
@@ -470,12 +521,14 @@ def _train_locked(model_dir, data, out_dir: Path, cfg: TrainConfig, decompositio
                 shutil.copytree(decomposition, stored) if decomposition is not None else os.replace(staging, stored)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
+    distributed.meet(world, "setup")  # the other ranks read out_dir from here on
     history = train_loop(run, out_dir, resume, progress, on_log)["history"]
     peft_form = save_trained(run, out_dir, model_dir, history)
     return {"output": str(out_dir), "steps": run.total_steps, "first_loss": history[0]["loss"],
             "final_loss": history[-1]["loss"], "eval_loss": history[-1].get("eval_loss"),
             "trainable_parameters": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
             "seconds": sum(h["seconds"] for h in history), "device": run.device, "peft_form": peft_form,
+            "ranks": world.size, "global_batch": run.cfg.batch_size * run.cfg.grad_accum * world.size,
             "config": {"rank": run.cfg.rank if run.cfg.method == "psoft" else None, "lr": run.cfg.lr}}
 
 
@@ -491,7 +544,7 @@ def save_trained(run: Run, out_dir: Path, model_dir: str | Path, history: list[d
         _write_log(out_dir, history)
         extra = {"train": {**asdict(cfg), "steps": run.total_steps, "final_loss": history[-1]["loss"],
                            "eval_loss": history[-1].get("eval_loss"), "data_sha256": run.identity.get("data")},
-                 "base_weights": run.identity.get("base_weights")}
+                 "base_weights": run.identity.get("base_weights"), **quantized.adapter_record(run.model, cfg.quantize)}
         report = adapter_io.save_adapter(out_dir, run.model, cfg.method_config(), base_model=_base_model_id(model_dir),
                                          task=run.train_set.kind, classes=run.train_set.labels or None,
                                          heads=run.heads, extra=extra)

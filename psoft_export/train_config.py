@@ -16,6 +16,7 @@ DEFAULT_RANK = 32
 # Peak learning rates per method, measured on real checkpoints (docs/train.md, "Choosing the learning rate").
 DEFAULT_LR = {"psoft": 1e-2, "oft": 5e-3}
 SVD_CHOICES = ("exact", "full", "lowrank")
+QUANTIZE_CHOICES = ("nf4",)  # train --quantize: bitsandbytes schemes QOFT trains over (psoft_export/quantized.py)
 
 
 @dataclass
@@ -33,8 +34,11 @@ class TrainConfig:
     epochs: Optional[float] = field(default=None, metadata={"help": "Epochs, when --steps is not given."})
     lr: Optional[float] = field(default=None, metadata={
         "help": "Peak learning rate (default: " + ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LR.items()) + ")."})
-    batch_size: int = field(default=8, metadata={"help": "Rows per micro-batch."})
-    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    batch_size: int = field(default=8, metadata={"help": "Rows per micro-batch (per rank under torchrun)."})
+    grad_accum: int = field(default=1, metadata={"help": "Micro-batches per optimizer step (per rank)."})
+    global_batch_size: Optional[int] = field(default=None, metadata={
+        "help": "Rows per optimizer step over all ranks, whatever their number (batch x ranks x grad-accum): "
+                "--grad-accum is derived from it; the loss is the mean over the global batch's tokens."})
     seq_len: int = field(default=256, metadata={"help": "Tokens per packed block / row."})
     cayley: Optional[str] = field(default=None, metadata={"help": "exact or neumann (default: psoft exact, oft neumann)."})
     neumann_terms: int = field(default=6, metadata={"help": "Cayley-Neumann terms (even keeps R orthogonal)."})
@@ -52,6 +56,8 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={
         "help": "Measure the rotations' orthogonality error every N steps (every step's loss is logged anyway)."})
     seed: int = field(default=0, metadata={"help": "Seed of data order, dropout and heads."})
+    quantize: Optional[str] = field(default=None, metadata={
+        "help": "Load the frozen base quantized with bitsandbytes (nf4) and train OFT over it (QOFT); OFT only."})
 
     def __post_init__(self) -> None:
         checks = [
@@ -64,6 +70,8 @@ class TrainConfig:
             (self.lr is None or (self.lr > 0 and math.isfinite(self.lr)), f"--lr must be a positive number, got {self.lr}"),
             (self.batch_size > 0, f"--batch-size must be > 0, got {self.batch_size}"),
             (self.grad_accum > 0, f"--grad-accum must be > 0, got {self.grad_accum}"),
+            (self.global_batch_size is None or (_is_int(self.global_batch_size) and self.global_batch_size > 0),
+             f"--global-batch-size must be > 0, got {self.global_batch_size}"),
             (self.seq_len >= 2, f"--seq-len must be >= 2, got {self.seq_len}"),
             (self.svd in SVD_CHOICES, f"--svd must be one of {', '.join(SVD_CHOICES)}, got {self.svd!r}"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"), f"--precision must be auto, fp32, bf16 or fp16, got {self.precision!r}"),
@@ -75,6 +83,10 @@ class TrainConfig:
             (self.save_every >= 0 and self.eval_every >= 0, "--save-every and --eval-every must be >= 0"),
             (self.log_every > 0, f"--log-every must be > 0, got {self.log_every}"),
             (_is_int(self.seed) and 0 <= self.seed < 2**63, f"--seed must be an integer in [0, 2^63), got {self.seed}"),
+            (self.quantize in (None,) + QUANTIZE_CHOICES,
+             f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}"),
+            (self.quantize is None or self.method == "oft",
+             f"--quantize {self.quantize} trains OFT only (PSOFT's subspace needs the original weights): use --method oft"),
         ]
         for ok, message in checks:
             if not ok:
@@ -91,6 +103,26 @@ class TrainConfig:
         rank = self.rank or rank or DEFAULT_RANK
         return replace(self, rank=rank, alpha=float(self.alpha or alpha or rank), lr=self.peak_lr,
                        init=self.init or init or "psoft")
+
+    def for_world(self, ranks: int) -> "TrainConfig":
+        """The config on ``ranks`` processes: with ``--global-batch-size`` G, the per-rank micro-batch is
+        ``--batch-size`` (or G / ranks when smaller) and ``--grad-accum`` is what makes G = batch x ranks x accum."""
+        if self.global_batch_size is None:
+            return self
+        total = self.global_batch_size
+        if total % ranks:
+            raise UserInputError(f"--global-batch-size {total} is not divisible by the {ranks} ranks: use a multiple "
+                                 f"of {ranks}, or launch a number of ranks that divides {total}")
+        per_rank = total // ranks
+        batch = min(self.batch_size, per_rank)
+        if per_rank % batch:
+            raise UserInputError(f"--global-batch-size {total} on {ranks} rank(s) is {per_rank} rows per rank, not a "
+                                 f"multiple of --batch-size {batch}: use a --batch-size that divides {per_rank}")
+        if self.grad_accum not in (1, per_rank // batch):
+            raise UserInputError(f"--grad-accum {self.grad_accum} contradicts --global-batch-size {total} (which "
+                                 f"makes it {per_rank // batch} with --batch-size {batch} on {ranks} rank(s)): drop "
+                                 "--grad-accum")
+        return replace(self, batch_size=batch, grad_accum=per_rank // batch)
 
     def method_config(self):
         from psoft_export.adapters import OftConfig, PsoftConfig

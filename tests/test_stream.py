@@ -169,9 +169,9 @@ def test_a_tensor_the_files_lack_takes_the_in_memory_route():
 # ------------------------------------------------------------------------------------------ verification failure
 
 def test_failed_verification_keeps_the_export_unverified(tmp_path, monkeypatch):
-    import psoft_export.verify as verify_mod
+    import psoft_export.verification as verify_mod
 
-    monkeypatch.setitem(verify_mod.TOLERANCES, ("safetensors", "float32"), 0.0)  # measured 4.9e-7: fails
+    monkeypatch.setitem(verify_mod.PRECISION_BOUNDS, ("safetensors", "float32"), 0.0)  # measured 4.9e-7: fails
     model_dir, adapter = MODELS / "llama", ADAPTERS / "llama-psoft"
     with pytest.raises(VerificationError, match=r"kept, unverified, in .*out\.unverified"):
         merge(model_dir, adapter, tmp_path / "out", "safetensors")

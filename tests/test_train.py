@@ -7,7 +7,6 @@ float32 on CPU, tolerance 1e-5 relative to the output scale.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -25,7 +25,11 @@ def weight_out_in(module: nn.Module) -> torch.Tensor:
 
 
 def features(module: nn.Module) -> tuple[int, int]:
-    """``(out_features, in_features)``."""
+    """``(out_features, in_features)``; a bitsandbytes layer's weight is packed codes, so its attributes tell."""
+    from psoft_export.adapters.bnb import is_quantized
+
+    if is_quantized(module):
+        return module.out_features, module.in_features
     out_f, in_f = weight_out_in(module).shape
     return out_f, in_f
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from psoft_export.adapters import cayley as cay
+from psoft_export.adapters.bnb import dequantized_weight, is_quantized
 from psoft_export.adapters.layout import features, is_linear, weight_out_in
 from psoft_export.adapters.psoft import CAYLEY_MODES, _choice
 from psoft_export.errors import UserInputError
@@ -56,7 +57,8 @@ def fitting_block_sizes(in_features: int, near: int, count: int = 4) -> list[int
 
 
 class OftLinear(nn.Module):
-    """OFTv2 around a frozen ``nn.Linear`` or ``Conv1D`` (``base_layer``).
+    """OFTv2 around a frozen ``nn.Linear``, ``Conv1D`` or bitsandbytes 4-bit ``Linear4bit`` (``base_layer``: a
+    quantized base is only ever called, on the rotated input).
 
     Parameter ``q`` ``(n, b (b-1) / 2)`` (``n = 1`` with ``block_share``). At init ``R = I`` exactly.
     """
@@ -109,21 +111,31 @@ class OftLinear(nn.Module):
             return self.base_layer(x)
         return self.base_layer(self.rotate_input(x))
 
+    def base_weight(self) -> torch.Tensor:
+        """``W`` ``(out, in)``: the base layer's weight, or the dequantized weight of a quantized base (a new
+        tensor, for merging and reports: the forward pass never builds it)."""
+        if is_quantized(self.base_layer):
+            return dequantized_weight(self.base_layer)
+        return weight_out_in(self.base_layer)
+
     def merged_weight(self) -> torch.Tensor:
         """``W R^T`` ``(out, in)`` in ``nn.Linear`` layout, float32 or float64."""
         R = self.rotation_blocks().expand(self.num_blocks, -1, -1)
-        W = weight_out_in(self.base_layer).to(R.dtype)
+        W = self.base_weight().to(R.dtype)
         Wb = W.reshape(self.out_features, self.num_blocks, self.block_size)
         return torch.einsum("onb,ncb->onc", Wb, R).reshape(W.shape)
 
     def delta_weight(self) -> torch.Tensor:
         """``W R^T - W`` ``(out, in)``: full rank in general (what a LoRA-only target would have to approximate)."""
-        return self.merged_weight() - weight_out_in(self.base_layer).to(self.q.dtype)
+        return self.merged_weight() - self.base_weight().to(self.q.dtype)
 
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
             return
+        if is_quantized(self.base_layer):
+            raise UserInputError("cannot merge into a quantized base layer in place: merge the adapter into the "
+                                 "float model (psoft-export merge folds it into the dequantized weights)")
         self._check_invertible()
         W = weight_out_in(self.base_layer)
         W.copy_(self.merged_weight().to(W.dtype))

@@ -1,0 +1,73 @@
+"""The rounded reference of a merged export: the PyTorch model of the weights the export actually stores.
+
+``verify`` compares a merged safetensors or GGUF export with it (tight bars: the export is tested, not the precision
+of its dtype): the float32 model with the adapter, merged in place, every tensor rounded exactly as the export stores
+it (cast to float16/bfloat16, or quantized to Q8_0 with gguf-py's own functions, then widened to float32). Also here:
+the tensor-by-tensor comparison of an export's files with those weights, a block of rows at a time.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from psoft_export.errors import VerificationError
+
+
+@torch.no_grad()
+def rounded_reference(model: nn.Module, to: str, dtype: str) -> nn.Module:
+    """``model`` (with its adapter) merged in place, then every floating tensor rounded as a merged ``to`` export of
+    ``dtype`` stores it and widened back to float32: the PyTorch model of the export's exact weights."""
+    from psoft_export.adapters import merge_and_unload
+
+    model = merge_and_unload(model)
+    if to == "gguf":
+        from converters.gguf_stream import round_as_written
+
+        rounding = functools.partial(round_as_written, dtype=dtype)
+    else:
+        wanted = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+        rounding = lambda t: t.to(wanted).to(torch.float32)  # noqa: E731
+    seen: set[int] = set()
+    for tensor in model.state_dict(keep_vars=True).values():
+        if tensor.is_floating_point() and id(tensor) not in seen:  # tied tensors once
+            seen.add(id(tensor))
+            tensor.data.copy_(rounding(tensor.data.to(torch.float32)))
+    return model
+
+
+def safetensors_errors(export_dir: Path, expected: dict, model_dir: Path) -> dict[str, tuple[float, float]]:
+    """``{key: (max |file - expected| / max |expected|, max |file - expected|)}`` for every tensor of a merged
+    safetensors export, read one at a time."""
+    from psoft_export.checkpoint import ModelSource
+
+    source = ModelSource(export_dir)
+    errors = {}
+    for key in source.keys():
+        if key not in expected:
+            raise VerificationError(f"the export holds {key}, which the model does not have")
+        got, ref = source.tensor(key), expected[key].detach()
+        if tuple(got.shape) != tuple(ref.shape):
+            raise VerificationError(f"{key} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
+        diff, scale = 0.0, 0.0
+        got, ref = got.reshape(got.shape[0] if got.dim() else 1, -1), ref.reshape(ref.shape[0] if ref.dim() else 1, -1)
+        for i in range(0, got.shape[0] if got.numel() else 0, 1024):  # blocks of rows: no tensor-sized copies
+            a, b = got[i:i + 1024].to(torch.float64), ref[i:i + 1024].to(torch.float64)
+            diff, scale = max(diff, float((a - b).abs().max())), max(scale, float(b.abs().max()))
+        errors[key] = (diff / max(scale, 1e-30) if got.numel() else 0.0, diff)
+    return errors
+
+
+def gguf_errors(export_dir: Path, expected: dict, model_dir: Path) -> dict[str, tuple[float, float]]:
+    """The same for a merged GGUF file (dequantized, rope rows as written: ``converters.gguf.compare_tensors``)."""
+    from converters import gguf as conv
+
+    return conv.compare_tensors(export_dir / "model.gguf", model_dir, expected)
+
+
+# Formats whose merged exports are compared tensor by tensor (ONNX: logits only; its initializers are renamed and
+# folded by the exporter).
+WEIGHT_CHECKS = {"safetensors": safetensors_errors, "gguf": gguf_errors}

@@ -1,0 +1,327 @@
+"""Verification (library): run an export in its own runtime and compare it with the PyTorch model plus adapter.
+
+Used by ``merge`` before it publishes and by the ``verify`` command (:mod:`psoft_export.verify`) after.
+
+Every export directory carries ``export.json`` saying what it is (format, merged or split, dtype). The reference
+is the base model with the adapter loaded by our loader, in float32 on CPU; the export runs in transformers,
+ONNX Runtime or llama.cpp. Errors are relative to the output scale: ``max |export - ref| / max |ref|`` over the
+real (unpadded) positions. ``merge`` calls the same :func:`verify_export` before it renames its output into place.
+
+Merged safetensors and GGUF exports are compared with a **rounded reference**: the reference merged, every tensor
+rounded exactly as the export stores it (cast to float16/bfloat16, or quantized to Q8_0 and dequantized) and
+widened to float32. Against it the bars are tight (the export is tested, not the precision of its dtype); the
+precision loss against the float32 model with the adapter is reported beside it (``precision``: max and mean
+logits error, top-1 agreement) and fails the export only beyond a loose bound. Only one model is in memory at a
+time: the reference (merged and rounded in place) is dropped before the export is loaded in its runtime.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from psoft_export import adapter_io, quantized, rounded
+from psoft_export.checkpoint import loading_kwargs
+from psoft_export.errors import UserInputError, VerificationError
+from psoft_export.models import (
+    fixed_inputs,
+    load_base,
+    masked,
+    torch_outputs,
+)
+
+EXPORT_FILE = "export.json"
+EXPORT_FORMAT = "psoft-export/export/1"
+# Relative error bars per (format, dtype) against the float32 PyTorch model with the adapter: the split exports and
+# ONNX (float32 only), whose reference is that model itself.
+TOLERANCES = {
+    ("safetensors", "float32"): 1e-4, ("safetensors", "float16"): 1e-2, ("safetensors", "bfloat16"): 6e-2,
+    ("onnx", "float32"): 1e-4,
+    ("gguf", "float32"): 2e-3, ("gguf", "float16"): 2e-3, ("gguf", "q8_0"): 3e-2,  # measured 4e-7 / 7e-4 / 1.7e-2
+}
+# Merged safetensors and GGUF: bars against the rounded reference (see the module docstring). transformers runs the
+# export's own (widened) weights through the same float32 code as the reference: 1e-5 (measured 0). llama.cpp rounds
+# the activations to the weights' type before each product (F16, Q8_0), which no weight rounding reproduces: its bars
+# stay those of TOLERANCES (measured against the rounded reference on the Llama fixture: f32 3.7e-7, f16 2.4e-4).
+ROUNDED_TOLERANCES = {
+    ("safetensors", "float32"): 1e-5, ("safetensors", "float16"): 1e-5, ("safetensors", "bfloat16"): 1e-5,
+    ("gguf", "float32"): 2e-3, ("gguf", "float16"): 2e-3, ("gguf", "q8_0"): 3e-2,
+}
+WEIGHTS_TOLERANCE = 1e-6  # every tensor of a merged export against the rounded merged reference (measured 0)
+# Loose bounds on the precision loss of a merged export against the float32 model with the adapter: reported always,
+# a failure only beyond these. float32 keeps its tight bar (there the loss is the fold's own arithmetic).
+PRECISION_BOUNDS = {
+    ("safetensors", "float32"): 1e-4, ("safetensors", "float16"): 5e-2, ("safetensors", "bfloat16"): 2e-1,
+    ("gguf", "float32"): 2e-3, ("gguf", "float16"): 5e-2, ("gguf", "q8_0"): 2e-1,
+}
+
+
+FLOAT32_REFERENCE = "the float32 PyTorch model with the adapter"
+ROUNDED_REFERENCE = "PyTorch with the merged weights rounded as the export stores them"
+
+
+@dataclass
+class Report:
+    """Per-output errors of one export against ``reference``; ``ok`` when every error is within its tolerance
+    (an output's own ``tolerance``, else the report's) and the precision loss, when reported, within its bound."""
+
+    export: str
+    tolerance: float
+    outputs: dict[str, dict] = field(default_factory=dict)
+    reference: str = FLOAT32_REFERENCE
+    precision: Optional[dict] = None  # against the float32 model with the adapter, when the reference is rounded
+
+    @property
+    def ok(self) -> bool:
+        return report_ok(self.to_dict(ok=False))
+
+    def add(self, name: str, got: np.ndarray, ref: np.ndarray, tolerance: Optional[float] = None) -> None:
+        got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+        if got.shape != ref.shape:
+            raise VerificationError(f"{self.export}: output {name} has shape {got.shape}, expected {ref.shape}")
+        diff = np.abs(got - ref)
+        scale = max(float(np.abs(ref).max()), 1e-30)
+        self.outputs[name] = {"max_abs_err": float(diff.max()), "rel_err": float(diff.max() / scale)}
+        if tolerance is not None:
+            self.outputs[name]["tolerance"] = tolerance
+
+    def add_precision(self, got: np.ndarray, ref: np.ndarray, bound: float, logits: bool) -> None:
+        """The precision loss against the float32 model: max and mean |diff|, max relative to the output scale,
+        and (logits) the fraction of positions whose top-1 token agrees."""
+        got, ref = np.asarray(got, np.float64), np.asarray(ref, np.float64)
+        diff = np.abs(got - ref)
+        rel = float(diff.max() / max(float(np.abs(ref).max()), 1e-30))
+        top1 = float((got.argmax(-1) == ref.argmax(-1)).mean()) if logits else None
+        self.precision = {"against": FLOAT32_REFERENCE, "max_abs_err": float(diff.max()),
+                          "mean_abs_err": float(diff.mean()), "rel_err": rel, "top1_agreement": top1, "bound": bound}
+
+    def to_dict(self, ok: bool = True) -> dict:
+        out = {"export": self.export, "tolerance": self.tolerance, "reference": self.reference, "outputs": self.outputs}
+        if self.precision is not None:
+            out["precision"] = self.precision
+        return {**out, "ok": report_ok(out)} if ok else out
+
+    def lines(self) -> list[str]:
+        return report_lines(self.to_dict())
+
+
+def report_ok(report: dict) -> bool:
+    precision = report.get("precision")
+    return (all(o["rel_err"] <= o.get("tolerance", report["tolerance"]) for o in report["outputs"].values())
+            and (precision is None or precision["rel_err"] <= precision["bound"]))
+
+
+def report_lines(report: dict) -> list[str]:
+    """One line per output (``logits: max abs err …, rel err … (tolerance …) ok``), then the precision line."""
+    lines = []
+    for name, o in report["outputs"].items():
+        tol = o.get("tolerance", report["tolerance"])
+        lines.append(f"{name}: max abs err {o['max_abs_err']:.3e}, rel err {o['rel_err']:.3e} "
+                     f"(tolerance {tol:.0e}) {'ok' if o['rel_err'] <= tol else 'FAIL'}")
+    p = report.get("precision")
+    if p is not None:
+        top1 = "" if p["top1_agreement"] is None else f", top-1 agreement {100 * p['top1_agreement']:.1f}%"
+        lines.append(f"precision vs the float32 model: max abs err {p['max_abs_err']:.3e}, mean abs err "
+                     f"{p['mean_abs_err']:.3e}, rel err {p['rel_err']:.3e}{top1} (bound {p['bound']:.0e}) "
+                     + ("info" if p["rel_err"] <= p["bound"] else "FAIL"))
+    return lines
+
+
+# ------------------------------------------------------------------------------------------ the reference
+
+def read_inputs(path: Optional[str | Path]) -> Optional[list[str]]:
+    """``--inputs FILE``: a JSONL of ``{"text": ...}`` (or a plain text file, one input per line)."""
+    if path is None:
+        return None
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"--inputs {path} does not exist: pass a JSONL file of {{\"text\": ...}} lines")
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if line.strip():
+            try:
+                texts.append(json.loads(line)["text"] if line.lstrip().startswith("{") else line)
+            except (ValueError, KeyError, TypeError):
+                raise UserInputError(f"{path}:{number}: expected {{\"text\": ...}}") from None
+    if not texts:
+        raise UserInputError(f"--inputs {path} is empty: add lines of text")
+    return texts
+
+
+# ------------------------------------------------------------------------------------------ runtimes
+
+def _run_safetensors(export_dir: Path, info: dict, inputs, kind: str, model_dir: Path) -> dict[str, np.ndarray]:
+    if not info["split"]:
+        model = load_base(export_dir, kind, info.get("classes"))
+        return {"": torch_outputs(model.float(), inputs, kind)}
+    out = {}
+    if (export_dir / "adapter").is_dir():
+        model = load_base(model_dir, kind, info.get("classes"), export_dir / "adapter")
+        adapter_io.load_adapter(model, export_dir / "adapter", model_dir)
+        out["[adapter/]"] = torch_outputs(model, inputs, kind)
+    if (export_dir / "lora").is_dir():  # the LoRA form, applied from its files by an independent reader
+        model = load_base(model_dir, kind, info.get("classes"), export_dir / "adapter")
+        if kind == "classify":
+            adapter_io.load_heads(model, export_dir / "adapter")
+        apply_lora_dir(model, export_dir / "lora")
+        out["[lora/]"] = torch_outputs(model, inputs, kind)
+    return out
+
+
+def apply_lora_dir(model: nn.Module, lora_dir: Path) -> None:
+    """``W += (alpha / r) B A`` for every tensor pair of a PEFT LoRA directory (an independent reader)."""
+    from safetensors.torch import load_file
+
+    from psoft_export.adapters.layout import weight_out_in
+
+    config = json.loads((lora_dir / adapter_io.CONFIG_FILE).read_text())
+    tensors = load_file(lora_dir / adapter_io.WEIGHTS_FILE)
+    scale = config["lora_alpha"] / config["r"]
+    with torch.no_grad():
+        for key, A in tensors.items():
+            if key.endswith(".lora_A.weight"):
+                module = key[len(adapter_io.PREFIX):-len(".lora_A.weight")]
+                B = tensors[key.replace(".lora_A.", ".lora_B.")]
+                W = weight_out_in(model.get_submodule(module))
+                W.add_((scale * B.double() @ A.double()).to(W.dtype))
+
+
+def _run_onnx(export_dir: Path, info: dict, inputs, kind: str, model_dir: Path) -> np.ndarray:
+    from converters import onnx as conv
+
+    adapter = export_dir / "adapter.onnx_adapter" if info["split"] else None
+    out = conv.run_logits(export_dir, inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(), adapter)
+    return {"": next(iter(out.values()))}
+
+
+def _run_gguf(export_dir: Path, info: dict, inputs, kind: str, model_dir: Path) -> np.ndarray:
+    from converters import gguf as conv
+
+    adapter = export_dir / "adapter.gguf" if info["split"] else None
+    rows = []
+    for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"]):
+        tokens = ids[mask.bool()].tolist()
+        logits = conv.run_logits(export_dir / "model.gguf", tokens, adapter)
+        rows.append(np.pad(logits, ((0, ids.numel() - len(tokens)), (0, 0))))
+    return {"": np.stack(rows)}
+
+
+RUNTIMES = {"safetensors": _run_safetensors, "onnx": _run_onnx, "gguf": _run_gguf}
+
+
+def read_export(export_dir: Path) -> dict:
+    path = Path(export_dir) / EXPORT_FILE
+    if not path.is_file():
+        raise UserInputError(f"{export_dir} is not an export of psoft-export (no {EXPORT_FILE}): pass a 'merge' output")
+    try:
+        info = json.loads(path.read_text())
+    except ValueError as exc:
+        raise UserInputError(f"{path} is not valid JSON ({exc}): re-run merge") from None
+    if not isinstance(info, dict) or info.get("format") != EXPORT_FORMAT or info.get("to") not in RUNTIMES:
+        raise UserInputError(f"{path} is not a {EXPORT_FORMAT} record: re-run merge")
+    return info
+
+
+Reference = Union[nn.Module, Callable[[], nn.Module]]
+
+
+def verify_export(export_dir: Path, info: dict, model_dir: Path, reference: Reference, kind: str,
+                  texts: Optional[list[str]] = None, compare_to: Optional[nn.Module] = None) -> Report:
+    """Run ``export_dir`` in its runtime and compare with ``reference``, the float32 model with the adapter (LoRA
+    files: with ``compare_to``, the rank-K approximation a ``--lora-rank`` export holds, when given).
+
+    ``reference`` may be a function that loads it: for merged safetensors and GGUF it is then merged and rounded in
+    place and dropped before the export is loaded, so the two are never in memory together (a model passed itself is
+    merged and rounded in place too, but its caller keeps it alive)."""
+    inputs = fixed_inputs(model_dir, texts)
+    mask = inputs["attention_mask"].numpy()
+    dtype = info.get("quant") or info.get("dtype", "float32")
+    route = f"{info['to']} {'split' if info['split'] else 'merged'} {dtype}"
+    name = "logits" if kind != "encoder" else "last_hidden_state"
+    model = reference if isinstance(reference, nn.Module) else reference()
+    exact = torch_outputs(model, inputs, kind)
+    if not info["split"] and info["to"] in rounded.WEIGHT_CHECKS:
+        model = rounded.rounded_reference(model, info["to"], dtype)
+        expected_out = torch_outputs(model, inputs, kind)
+        report = Report(route, ROUNDED_TOLERANCES[(info["to"], dtype)], reference=ROUNDED_REFERENCE)
+        weights = rounded.WEIGHT_CHECKS[info["to"]](Path(export_dir), model.state_dict(), Path(model_dir))
+        del model, reference  # the export is loaded next: one model in memory at a time
+        gc.collect()
+        got = RUNTIMES[info["to"]](Path(export_dir), info, inputs, kind, model_dir)[""]
+        report.add(name, masked(got, mask, kind), masked(expected_out, mask, kind))
+        _add_weights(report, weights)
+        report.add_precision(masked(got, mask, kind), masked(exact, mask, kind),
+                             PRECISION_BOUNDS[(info["to"], dtype)], logits=kind != "encoder")
+        return report
+    approx = torch_outputs(compare_to, inputs, kind) if compare_to is not None else exact
+    got = RUNTIMES[info["to"]](Path(export_dir), info, inputs, kind, model_dir)
+    report = Report(route, TOLERANCES[(info["to"], dtype)])
+    for label, array in got.items():  # a copied adapter/ is exact; LoRA files hold the approximation when asked
+        ref = exact if label == "[adapter/]" else approx
+        report.add(name + label, masked(array, mask, kind), masked(ref, mask, kind))
+    return report
+
+
+def _add_weights(report: Report, errors: dict[str, tuple[float, float]]) -> None:
+    """Every tensor of a merged export against the rounded merged reference: a few fixed sentences cannot see a
+    damaged embedding row they never use; this comparison is exhaustive and cheap. Recorded as output ``weights``:
+    the worst per-tensor ``max |diff| / max |ref|`` (and which tensor), against :data:`WEIGHTS_TOLERANCE`."""
+    worst = max(errors, key=lambda k: errors[k][0])
+    report.outputs["weights"] = {"max_abs_err": errors[worst][1], "rel_err": errors[worst][0], "worst": worst,
+                                 "tensors": len(errors), "tolerance": WEIGHTS_TOLERANCE}
+
+
+# ------------------------------------------------------------------------------------------ QOFT: the trained model
+
+def quantized_model(model_dir, adapter_dir, kind: str, classes: Optional[list], record: Mapping,
+                    allow_pickle: bool = False) -> nn.Module:
+    """The model that was trained: the base loaded 4-bit as ``train --quantize`` loads it, with the adapter (eval)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from psoft_export import adapter_io
+
+    dtype = quantized._dtype(record.get("compute_dtype", "float32"))
+    kwargs = {**loading_kwargs(model_dir, allow_pickle), **quantized.load_kwargs(record["quant_type"], dtype, "cpu")}
+    if kind == "classify":
+        labels = len(classes) if classes else adapter_io.saved_labels(adapter_dir)
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=labels, dtype=dtype, **kwargs)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, **kwargs)
+    quantized.prepare_model(model)
+    adapter_io.load_adapter(model, adapter_dir, model_dir)
+    return model.eval()
+
+
+def _rel_err(a, ref) -> float:
+    import numpy as np
+
+    return float(np.abs(a.astype(np.float64) - ref).max() / max(float(np.abs(ref.astype(np.float64)).max()), 1e-30))
+
+
+def trained_model_gap(export_dir, model_dir, adapter_dir, kind: str, classes: Optional[list], record: Mapping,
+                      texts: Optional[list[str]] = None, allow_pickle: bool = False) -> dict:
+    """How far the merged export's outputs are from the quantized-base model that was trained, on the verify inputs:
+    ``as_trained`` (bitsandbytes' dequantizing kernel, what training ran) and ``bnb_cpu_inference`` (bitsandbytes'
+    default CPU eval kernel, which rounds absmax to bfloat16: what a user loading the adapter over a 4-bit base on
+    CPU gets). One model in memory at a time."""
+    inputs = fixed_inputs(model_dir, texts)
+    mask = inputs["attention_mask"].numpy()
+    model = quantized_model(model_dir, adapter_dir, kind, classes, record, allow_pickle)
+    as_trained = masked(torch_outputs(model, inputs, kind), mask, kind)
+    layers = [model.get_submodule(n) for n in quantized.quantized_modules(model)]
+    repacked = any(getattr(m, "bnb_cpu_repack", False) for m in layers)
+    for m in layers:
+        m.support_avx512bf16_for_cpu = getattr(m, "bnb_cpu_repack", False)
+    inference = masked(torch_outputs(model, inputs, kind), mask, kind)
+    del model, layers
+    export = masked(torch_outputs(load_base(export_dir, kind, classes).float(), inputs, kind), mask, kind)
+    return {"reference": "the 4-bit base + adapter as trained, PyTorch with bitsandbytes on CPU",
+            "as_trained_rel_err": _rel_err(export, as_trained),
+            "bnb_cpu_inference_rel_err": _rel_err(export, inference), "bnb_cpu_repack": repacked}

@@ -1,0 +1,120 @@
+"""Verification against the rounded reference (``psoft_export/verify.py``): it tests the export, not the precision.
+
+A merged float16 export with one weight off by 1e-3 relative (a damaged export) is compared two ways. The old check
+(the runtime's logits against the float32 model with the adapter within the fixed float16 bar, every tensor against
+the unrounded merge within the same bar) passes it: the damage is smaller than what float16 itself costs. The new
+check (the same runtime against PyTorch with the merged weights rounded exactly as the export stores them, tight bars)
+fails it, and passes the honest export, whose precision loss it reports separately.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+from psoft_export.golden import ADAPTERS
+from psoft_export.merge import merge
+from psoft_export.models import fixed_inputs, reference_model, torch_outputs
+from psoft_export.models import masked as _masked
+from psoft_export.rounded import WEIGHT_CHECKS
+from psoft_export.verification import ROUNDED_REFERENCE, RUNTIMES, TOLERANCES, read_export
+from psoft_export.verify import verify
+from tests.conftest import MODELS, require
+
+MODEL, CASE = MODELS / "llama", "llama-psoft"
+DAMAGED = "model.layers.0.mlp.down_proj.weight"  # an adapted weight
+HARM = 1e-3  # relative damage planted in it
+
+
+def damage_safetensors(out) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(out / "model.safetensors")
+    weights[DAMAGED] = (weights[DAMAGED].float() * (1 + HARM)).to(weights[DAMAGED].dtype)
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+def damage_gguf(out) -> None:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(out / "model.gguf"), "r+")  # memory-mapped read/write
+    tensor = next(t for t in reader.tensors if t.name == "blk.0.ffn_down.weight")
+    tensor.data[...] = (tensor.data.astype(np.float32) * (1 + HARM)).astype(tensor.data.dtype)
+    reader.data.flush()
+    del reader, tensor
+
+
+def old_check(out, to: str, dtype: str) -> tuple[float, float, float]:
+    """What verification did before: ``(logits rel err, weights rel err, bar)``, both against the float32 model with
+    the adapter (the weights against its unrounded merge), one fixed bar per (format, dtype)."""
+    from psoft_export.adapters import merge_and_unload
+
+    reference, kind, _ = reference_model(MODEL, ADAPTERS / CASE)
+    inputs = fixed_inputs(MODEL)
+    mask = inputs["attention_mask"].numpy()
+    exact = _masked(torch_outputs(reference, inputs, kind), mask, kind)
+    got = _masked(RUNTIMES[to](out, read_export(out), inputs, kind, MODEL)[""], mask, kind)
+    logits = float(np.abs(got - exact).max() / np.abs(exact).max())
+    errors = WEIGHT_CHECKS[to](out, merge_and_unload(copy.deepcopy(reference)).state_dict(), MODEL)
+    return logits, max(e[0] for e in errors.values()), TOLERANCES[(to, dtype)]
+
+
+@pytest.mark.parametrize("to,damage", [("safetensors", damage_safetensors), ("gguf", damage_gguf)])
+def test_rounded_reference_fails_a_damaged_float16_export_the_fixed_bar_passes(tmp_path, to, damage):
+    if to == "gguf":
+        require("llama_cpp")
+    out = tmp_path / "f16"
+    honest = merge(MODEL, ADAPTERS / CASE, out, to, dtype="float16")["verification"]
+    assert honest["ok"] and honest["reference"] == ROUNDED_REFERENCE, honest
+    assert honest["outputs"]["weights"]["rel_err"] == 0.0, "the file holds the rounded merge exactly"
+    precision = honest["precision"]
+    assert 0 < precision["rel_err"] <= precision["bound"] and precision["top1_agreement"] > 0.9, precision
+    damage(out)
+    logits, weights, bar = old_check(out, to, "float16")
+    assert logits <= bar and weights <= bar, (
+        f"the old check should pass the damaged export (logits {logits:.2e}, weights {weights:.2e}, bar {bar:.0e}): "
+        "else this test shows nothing")
+    assert logits < 3 * precision["rel_err"], "the damage hides inside float16's own error on the logits"
+    report = verify(out, MODEL, ADAPTERS / CASE)
+    assert not report.ok, f"the rounded reference must fail the damaged export: {report.lines()}"
+    assert report.outputs["weights"]["rel_err"] == pytest.approx(HARM, rel=0.6), report.outputs["weights"]
+    assert report.outputs["weights"]["worst"] in (DAMAGED, "blk.0.ffn_down.weight")
+
+
+def test_float32_logits_equal_the_rounded_reference(tmp_path):
+    """transformers runs the export's own weights through the same float32 code as the merged reference."""
+    report = merge(MODEL, ADAPTERS / CASE, tmp_path / "out", "safetensors", dtype="bfloat16")["verification"]
+    assert report["ok"] and report["outputs"]["logits"]["rel_err"] <= 1e-5, report
+    assert report["precision"]["rel_err"] > 10 * report["outputs"]["logits"]["rel_err"], (
+        "bfloat16 costs precision against the float32 model, and the rounded reference accounts for all of it")
+
+
+def test_verification_frees_the_reference_before_loading_the_export(tmp_path, monkeypatch):
+    """One model in memory at a time: when the export's runtime loads, no float32 reference is alive any more."""
+    import gc
+    import weakref
+
+    import psoft_export.merge as merge_mod
+    import psoft_export.verify as verify_mod
+
+    alive = []
+    real_load, real_run = verify_mod.reference_model, verify_mod.RUNTIMES["safetensors"]
+
+    def tracked(*args, **kwargs):
+        model, kind, classes = real_load(*args, **kwargs)
+        alive.append(weakref.ref(model))
+        return model, kind, classes
+
+    def run(*args, **kwargs):
+        gc.collect()
+        assert all(ref() is None for ref in alive), "the reference model is still in memory while the export loads"
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(verify_mod, "reference_model", tracked)
+    monkeypatch.setattr(merge_mod, "reference_model", tracked)
+    monkeypatch.setitem(verify_mod.RUNTIMES, "safetensors", run)
+    merge(MODEL, ADAPTERS / CASE, tmp_path / "out", "safetensors")
+    report = verify(tmp_path / "out", MODEL, ADAPTERS / CASE)
+    assert report.ok and len(alive) == 2, report.lines()

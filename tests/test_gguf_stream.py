@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from psoft_export.errors import VerificationError
-from psoft_export.golden import ADAPTERS
+from tests.golden import ADAPTERS
 from psoft_export.merge import _merged, merge
 from psoft_export.verify import reference_model
 from tests.conftest import MODELS, ROOT

@@ -3,7 +3,7 @@
 
 A failure reads ``golden drift: <format> <merged|split> <case>: <what> <expected> -> <actual>`` (structure) or
 ``golden drift: <format> <merged|split> <case>: <output> rel err X > tol`` (outputs). If the change is intended,
-regenerate with ``python -m psoft_export.golden --regenerate`` and commit the printed changes (docs/testing.md).
+regenerate with ``python -m tests.golden --regenerate`` and commit the printed changes (docs/testing.md).
 """
 
 from __future__ import annotations
@@ -13,11 +13,11 @@ import json
 
 import pytest
 
-from psoft_export import golden
-from psoft_export.golden import ADAPTERS, CASES, GOLDEN, ROUTES, compare, export, label, load_golden, record
+from tests import golden
+from tests.golden import ADAPTERS, CASES, GOLDEN, ROUTES, compare, export, label, load_golden, record
 from tests.conftest import require
 
-REGENERATE = "python -m psoft_export.golden --regenerate"
+REGENERATE = "python -m tests.golden --regenerate"
 
 
 pytestmark = pytest.mark.filterwarnings(

@@ -233,7 +233,7 @@ def test_llama_cpp_converter_takes_the_merged_output_unchanged(tmp_path):
     require("llama_cpp")
     from converters import gguf as gg
     from psoft_export.adapters import OftConfig, inject
-    from psoft_export.golden import randomize
+    from tests.golden import randomize
     from tests.llama_cpp_tools import llama_cpp_source, run_converter, tiny_llama3_dir
 
     src = llama_cpp_source()

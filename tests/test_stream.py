@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save
 from converters import safetensors as conv
 from psoft_export.cli import cli
 from psoft_export.errors import VerificationError
-from psoft_export.golden import ADAPTERS
+from tests.golden import ADAPTERS
 from psoft_export.merge import _merged_hf, merge
 from psoft_export.verify import reference_model
 from tests.conftest import MODELS, ROOT

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from psoft_export import adapter_io
 from psoft_export.adapters import adapter_layers
 from psoft_export.errors import UserInputError
-from psoft_export.golden import randomize
+from tests.golden import randomize
 from psoft_export.train import TrainConfig, TrainingDiverged, train
 from tests.conftest import MODELS, model_inputs, outputs, rel_err
 

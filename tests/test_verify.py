@@ -14,7 +14,7 @@ import copy
 import numpy as np
 import pytest
 
-from psoft_export.golden import ADAPTERS
+from tests.golden import ADAPTERS
 from psoft_export.merge import merge
 from psoft_export.models import fixed_inputs, reference_model, torch_outputs
 from psoft_export.models import masked as _masked

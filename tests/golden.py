@@ -15,9 +15,9 @@ to the output scale (``max |got - golden| / max |golden|``).
 
 Regenerate on purpose (prints what changed, so an intended change is one reviewed commit)::
 
-    python -m psoft_export.golden --regenerate            # goldens only, from the stored adapters
-    python -m psoft_export.golden --regenerate --adapters # rebuild the seeded adapters too
-    python -m psoft_export.golden --check                 # compare only; exit 1 on drift
+    python -m tests.golden --regenerate            # goldens only, from the stored adapters
+    python -m tests.golden --regenerate --adapters # rebuild the seeded adapters too
+    python -m tests.golden --check                 # compare only; exit 1 on drift
 
 ``tests/test_golden.py`` re-exports every route from the stored adapter and compares it with its golden.
 """
@@ -465,7 +465,7 @@ def _available(to: str) -> bool:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m psoft_export.golden", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m tests.golden", description=__doc__.split("\n\n")[0])
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--regenerate", action="store_true", help="rebuild the goldens, write them, print what changed")
     mode.add_argument("--check", action="store_true", help="compare with the goldens without writing; exit 1 on drift")

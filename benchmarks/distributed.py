@@ -45,13 +45,44 @@ def run(ranks: int, args, work: Path) -> dict:
     out = work / f"ranks-{ranks}"
     script = work / "counting.py"
     script.write_text(COUNTING)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), str(script),
-           "train", args.model, "--data", str(DATA / "train.jsonl"), "-o", str(out), "--method", args.method,
-           "--steps", str(args.steps), "--seq-len", str(args.seq_len), "--batch-size", str(args.global_batch // ranks),
-           "--global-batch-size", str(args.global_batch), "--rank", "16", "--block-size", "16", "--warmup", "0",
-           "--json"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1",
-           "BYTES_OUT": str(work / f"bytes-{ranks}-")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(ranks),
+        str(script),
+        "train",
+        args.model,
+        "--data",
+        str(DATA / "train.jsonl"),
+        "-o",
+        str(out),
+        "--method",
+        args.method,
+        "--steps",
+        str(args.steps),
+        "--seq-len",
+        str(args.seq_len),
+        "--batch-size",
+        str(args.global_batch // ranks),
+        "--global-batch-size",
+        str(args.global_batch),
+        "--rank",
+        "16",
+        "--block-size",
+        "16",
+        "--warmup",
+        "0",
+        "--json",
+    ]
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": str(args.threads),
+        "HF_HUB_OFFLINE": "1",
+        "BYTES_OUT": str(work / f"bytes-{ranks}-"),
+    }
     result = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, check=False)
     if result.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{result.stderr[-2000:]}")
@@ -59,11 +90,15 @@ def run(ranks: int, args, work: Path) -> dict:
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()][2:]  # after warm-up
     calls = json.loads((work / f"bytes-{ranks}-0").read_text())
     step_calls = [c for c in calls if c > 64]  # the step's bucket (the eval loss sums 2 numbers, 16 bytes)
-    return {"ranks": ranks, "seconds": statistics.median(h["seconds"] for h in log),
-            "tokens_per_s": statistics.median(h["tokens_per_s"] for h in log),
-            "predicted": 4 * (summary["trainable_parameters"] + 4) if ranks > 1 else 0,
-            "measured": statistics.median(step_calls) if step_calls else 0, "final_loss": summary["final_loss"],
-            "command": " ".join(cmd[2:])}
+    return {
+        "ranks": ranks,
+        "seconds": statistics.median(h["seconds"] for h in log),
+        "tokens_per_s": statistics.median(h["tokens_per_s"] for h in log),
+        "predicted": 4 * (summary["trainable_parameters"] + 4) if ranks > 1 else 0,
+        "measured": statistics.median(step_calls) if step_calls else 0,
+        "final_loss": summary["final_loss"],
+        "command": " ".join(cmd[2:]),
+    }
 
 
 def main() -> None:
@@ -77,13 +112,17 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         rows = [run(ranks, args, Path(tmp)) for ranks in (1, 2)]
-    print(f"{args.method} on {args.model}, global batch {args.global_batch} x {args.seq_len} tokens, "
-          f"{args.threads} thread(s) per rank, {os.cpu_count()} cores")
+    print(
+        f"{args.method} on {args.model}, global batch {args.global_batch} x {args.seq_len} tokens, "
+        f"{args.threads} thread(s) per rank, {os.cpu_count()} cores"
+    )
     print("| ranks | step (s) | tokens/s | all-reduce bytes/step predicted | measured | final loss |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['ranks']} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} | {r['predicted']:,} | "
-              f"{r['measured']:,.0f} | {r['final_loss']:.5f} |")
+        print(
+            f"| {r['ranks']} | {r['seconds']:.3f} | {r['tokens_per_s']:.0f} | {r['predicted']:,} | "
+            f"{r['measured']:,.0f} | {r['final_loss']:.5f} |"
+        )
     for r in rows:
         print(f"  {r['command']}")
 

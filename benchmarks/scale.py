@@ -47,25 +47,47 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 MB = 2**20
 SHAPES = {
-    "1b": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-           "num_key_value_heads": 8, "vocab_size": 50257, "rank": 32},
-    "small": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "vocab_size": 50257, "rank": 8},
+    "1b": {
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 50257,
+        "rank": 32,
+    },
+    "small": {
+        "hidden_size": 256,
+        "intermediate_size": 1024,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 50257,
+        "rank": 8,
+    },
 }
 SHARDS = 3
 SLACK_MB = 32
 BARRED = ("merge-st", "merge-st-verify", "merge-gguf", "merge-gguf-verify")  # held to their bound (others: reported)
 STEPS = ("decompose", "train", "merge-st", "merge-st-verify", "merge-gguf", "merge-gguf-verify", "merge-onnx")
 DEFAULT_STEPS = ("decompose", "train", "merge-st", "merge-st-verify")
-IMPORTS = ("import psoft_export.cli, psoft_export.merge, psoft_export.train, psoft_export.decompose, "
-           "converters.safetensors, transformers; from transformers import LlamaForCausalLM, PreTrainedTokenizerFast")
+IMPORTS = (
+    "import psoft_export.cli, psoft_export.merge, psoft_export.train, psoft_export.decompose, "
+    "converters.safetensors, transformers; from transformers import LlamaForCausalLM, PreTrainedTokenizerFast"
+)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--small", action="store_true", help="a small model of the same kind (smoke test, about a minute)")
-    p.add_argument("--cache", type=Path, default=Path("~/.cache/psoft-export-bench").expanduser(),
-                   help="where the model and the outputs live (default ~/.cache/psoft-export-bench)")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=Path("~/.cache/psoft-export-bench").expanduser(),
+        help="where the model and the outputs live (default ~/.cache/psoft-export-bench)",
+    )
     p.add_argument("--steps", default=",".join(DEFAULT_STEPS), help=f"comma-separated, from {','.join(STEPS)}")
     p.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of every child (default 2)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
@@ -107,8 +129,10 @@ def build(out: Path, shape: str) -> None:
             save_file(shard, str(tmp / file), metadata={"format": "pt"})
             index.update(dict.fromkeys(shard, file))
             shard, number = {}, number + 1
-    (tmp / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": sum(sizes.values())}, "weight_map": index}, indent=2, sort_keys=True) + "\n")
+    (tmp / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": sum(sizes.values())}, "weight_map": index}, indent=2, sort_keys=True)
+        + "\n"
+    )
     config.save_pretrained(tmp)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         shutil.copy2(ROOT / "fixtures" / "models" / "llama" / name, tmp / name)
@@ -125,8 +149,15 @@ def _numel(shape) -> int:
 # ----------------------------------------------------------------------------------------------- the parent
 def spawn(argv: list[str], threads: int, log: Path | None = None) -> tuple[float, float, int]:
     """Run ``python argv``; seconds, peak RSS (MiB, ``wait4``) and exit code (output to ``log``)."""
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1",
-               TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(ROOT),
+    )
     with open(log or os.devnull, "w") as out:
         start = time.perf_counter()
         proc = subprocess.Popen([sys.executable, *argv], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -139,8 +170,24 @@ def step_argv(step: str, model: Path, work: Path, rank: int) -> list[str]:
     merge = [*cli, "merge", str(model), "--adapter", str(work / "adapter"), "--overwrite"]
     return {
         "decompose": [*cli, "decompose", str(model), "-o", str(work / "decomp"), "--rank", str(rank), "--overwrite"],
-        "train": [*cli, "train", str(model), "--data", str(ROOT / "fixtures/data/train.jsonl"), "--method", "oft",
-                  "--steps", "2", "--batch-size", "1", "--seq-len", "128", "-o", str(work / "adapter"), "--overwrite"],
+        "train": [
+            *cli,
+            "train",
+            str(model),
+            "--data",
+            str(ROOT / "fixtures/data/train.jsonl"),
+            "--method",
+            "oft",
+            "--steps",
+            "2",
+            "--batch-size",
+            "1",
+            "--seq-len",
+            "128",
+            "-o",
+            str(work / "adapter"),
+            "--overwrite",
+        ],
         "merge-st": [*merge, "--to", "safetensors", "--no-verify", "-o", str(work / "merged-st")],
         "merge-st-verify": [*merge, "--to", "safetensors", "-o", str(work / "merged-st-verified")],
         "merge-gguf": [*merge, "--to", "gguf", "--dtype", "float16", "--no-verify", "-o", str(work / "merged-gguf")],
@@ -171,14 +218,21 @@ def bounds(model: Path, work: Path, rank: int) -> dict[str, float]:
     largest = max(_numel(s) for s in targets) * 4
     factors = sum(rank * (s[0] + s[1]) * 4 for s in targets)
     shard = max(p.stat().st_size for p in model.glob("*.safetensors"))
-    adapter = sum(p.stat().st_size for p in (work / "adapter").glob("*") if p.is_file()) if (work / "adapter").is_dir() else 0
+    adapter = (
+        sum(p.stat().st_size for p in (work / "adapter").glob("*") if p.is_file()) if (work / "adapter").is_dir() else 0
+    )
     merge = (shard + 4 * largest + adapter) / MB + SLACK_MB
     # GGUF also widens every tensor to float32 and encodes it: the embedding (not adapted) can be the larger set
     widest = max(_numel(s) for s, _, _ in tensors.values()) * 4
     merge_gguf = (shard + max(4 * largest, 2 * widest) + adapter) / MB + SLACK_MB
     model32 = sum(_numel(s) for s, _, _ in tensors.values()) * 4 / MB  # the float32 reference verification holds
-    return {"decompose": (largest + factors) / MB, "merge-st": merge, "merge-gguf": merge_gguf,
-            "merge-st-verify": model32 + merge, "merge-gguf-verify": model32 + merge_gguf}
+    return {
+        "decompose": (largest + factors) / MB,
+        "merge-st": merge,
+        "merge-gguf": merge_gguf,
+        "merge-st-verify": model32 + merge,
+        "merge-gguf-verify": model32 + merge_gguf,
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -191,8 +245,11 @@ def main(argv: list[str]) -> int:
     work.mkdir(parents=True, exist_ok=True)
     if not model.is_dir():
         print(f"[build] {args.shape} model into {model} ...", file=sys.stderr, flush=True)
-        seconds, _, rc = spawn([str(Path(__file__).resolve()), *(["--small"] if args.small else []), "--_build", str(model)],
-                               args.threads, work / "build.log")
+        seconds, _, rc = spawn(
+            [str(Path(__file__).resolve()), *(["--small"] if args.small else []), "--_build", str(model)],
+            args.threads,
+            work / "build.log",
+        )
         if rc:
             sys.exit(f"building the model failed (exit {rc}): see {work / 'build.log'}")
         print(f"[build] {seconds:.0f} s", file=sys.stderr, flush=True)
@@ -202,23 +259,37 @@ def main(argv: list[str]) -> int:
     for step in args.step_list:
         seconds, peak, rc = spawn(step_argv(step, model, work, rank), args.threads, work / f"{step}.log")
         results[step] = {"seconds": seconds, "peak_mb": peak, "delta_mb": peak - baseline, "exit": rc}
-        print(f"[{step}] exit {rc}, {seconds:.1f} s, peak RSS {peak:.0f} MiB (log {work / f'{step}.log'})",
-              file=sys.stderr, flush=True)
+        print(
+            f"[{step}] exit {rc}, {seconds:.1f} s, peak RSS {peak:.0f} MiB (log {work / f'{step}.log'})",
+            file=sys.stderr,
+            flush=True,
+        )
     limits = bounds(model, work, rank)
     for step, r in results.items():
         r["bound_mb"] = limits.get(step)
         r["ok"] = (r["exit"] == 0 and r["delta_mb"] <= r["bound_mb"]) if step in BARRED else None
     command = "python benchmarks/scale.py " + shlex.join(argv)
     if args.json:
-        print(json.dumps({"shape": args.shape, "baseline_mb": baseline, "steps": results, "command": command}, indent=2))
+        print(
+            json.dumps({"shape": args.shape, "baseline_mb": baseline, "steps": results, "command": command}, indent=2)
+        )
         return 0 if all(r["exit"] == 0 and r["ok"] is not False for r in results.values()) else 1
     size = sum(p.stat().st_size for p in model.glob("*.safetensors")) / MB
     print(f"model: {args.shape}, {size:.0f} MiB bf16 in {SHARDS} shards; baseline (imports) {baseline:.0f} MiB\n")
     head = ("step", "exit", "seconds", "peak MiB", "peak-base MiB", "bound MiB", "vs bound", "")
-    rows = [(s, str(r["exit"]), f"{r['seconds']:.1f}", f"{r['peak_mb']:.0f}", f"{r['delta_mb']:.0f}",
-             "-" if r["bound_mb"] is None else f"{r['bound_mb']:.0f}",
-             "-" if r["bound_mb"] is None else f"{r['delta_mb'] / r['bound_mb']:.2f}x",
-             "" if r["ok"] is None else ("PASS" if r["ok"] else "FAIL")) for s, r in results.items()]
+    rows = [
+        (
+            s,
+            str(r["exit"]),
+            f"{r['seconds']:.1f}",
+            f"{r['peak_mb']:.0f}",
+            f"{r['delta_mb']:.0f}",
+            "-" if r["bound_mb"] is None else f"{r['bound_mb']:.0f}",
+            "-" if r["bound_mb"] is None else f"{r['delta_mb'] / r['bound_mb']:.2f}x",
+            "" if r["ok"] is None else ("PASS" if r["ok"] else "FAIL"),
+        )
+        for s, r in results.items()
+    ]
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     for row in (head, tuple("-" * w for w in widths), *rows):
         print("  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip())

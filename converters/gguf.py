@@ -246,6 +246,7 @@ def _write_hparams(writer: GGUFWriter, config: dict[str, Any], file_type: LlamaF
         writer.add_rope_scaling_type(RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
 
+
 # ---------------------------------------------------------------- tokenizer
 
 
@@ -364,18 +365,25 @@ def tensor_names(hf_names: list[str], config: dict[str, Any], arch: str) -> list
     return out
 
 
-def _plan(source: ModelSource, config: dict[str, Any], arch: str, wanted: QType,
-          transform: Mapping[str, Transform]) -> list[_Planned]:
-    plan = [_Planned(name, source.shape(hf_name), _storage_type(source.shape(hf_name), wanted),
-                     _loader(source, hf_name, heads, transform.get(hf_name)))
-            for name, hf_name, heads in tensor_names(source.keys(), config, arch)]
+def _plan(
+    source: ModelSource, config: dict[str, Any], arch: str, wanted: QType, transform: Mapping[str, Transform]
+) -> list[_Planned]:
+    plan = [
+        _Planned(
+            name,
+            source.shape(hf_name),
+            _storage_type(source.shape(hf_name), wanted),
+            _loader(source, hf_name, heads, transform.get(hf_name)),
+        )
+        for name, hf_name, heads in tensor_names(source.keys(), config, arch)
+    ]
     return sorted(plan + _extra_tensors(config), key=lambda p: _tensor_order(p.name))
 
 
 def compare_tensors(gguf_path: Path, model_dir: Path, state: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
-    """``{gguf name: (max |file - expected| / max |expected|, max |file - expected|)}`` for every tensor of a merged GGUF file, expected
-    from ``state`` (the merged model's HF tensors, same names as ``model_dir``'s), laid out as the writer lays
-    them (rope rows interleaved), the file's tensors dequantized."""
+    """``{gguf name: (max |file - expected| / max |expected|, max |file - expected|)}`` for every tensor of a merged
+    GGUF file, expected from ``state`` (the merged model's HF tensors, same names as ``model_dir``'s), laid out
+    as the writer lays them (rope rows interleaved), the file's tensors dequantized."""
     from gguf.quants import dequantize
 
     config = _read_json(Path(model_dir) / "config.json")
@@ -393,10 +401,10 @@ def compare_tensors(gguf_path: Path, model_dir: Path, state: dict[str, torch.Ten
             row_bytes = t.n_bytes // ref.shape[0]
             f.seek(t.data_offset)
             for i in range(0, ref.shape[0], ROWS):  # a block of rows at a time: no tensor-sized float64 copies
-                raw = np.fromfile(f, np.uint8, row_bytes * len(ref[i:i + ROWS])).reshape(len(ref[i:i + ROWS]), -1)
-                got = dequantize(raw, t.tensor_type).reshape(ref[i:i + ROWS].shape)
-                diff = max(diff, float(np.abs(got - ref[i:i + ROWS]).max(initial=0.0)))
-                scale = max(scale, float(np.abs(ref[i:i + ROWS]).max(initial=0.0)))
+                raw = np.fromfile(f, np.uint8, row_bytes * len(ref[i : i + ROWS])).reshape(len(ref[i : i + ROWS]), -1)
+                got = dequantize(raw, t.tensor_type).reshape(ref[i : i + ROWS].shape)
+                diff = max(diff, float(np.abs(got - ref[i : i + ROWS]).max(initial=0.0)))
+                scale = max(scale, float(np.abs(ref[i : i + ROWS]).max(initial=0.0)))
             errors[name] = (diff / max(scale, 1e-30) if ref.size else 0.0, diff)
     return errors
 
@@ -404,8 +412,9 @@ def compare_tensors(gguf_path: Path, model_dir: Path, state: dict[str, torch.Ten
 ROWS = 1024  # rows per block when comparing a file's tensors
 
 
-def _loader(source: ModelSource, hf_name: str, rope_heads: int | None,
-            transform: Transform | None = None) -> Callable[[], np.ndarray]:
+def _loader(
+    source: ModelSource, hf_name: str, rope_heads: int | None, transform: Transform | None = None
+) -> Callable[[], np.ndarray]:
     def load() -> np.ndarray:
         tensor = source.tensor(hf_name).to(torch.float32)
         array = (tensor if transform is None else transform(tensor)).numpy()
@@ -422,8 +431,13 @@ def _extra_tensors(config: dict[str, Any]) -> list[_Planned]:
     return [_Planned("rope_freqs.weight", factors.shape, QType.F32, lambda: factors)]
 
 
-def export_model(model_dir: Path, out_path: Path, dtype: str = "float32", source: ModelSource | None = None,
-                 transform: Mapping[str, Transform] | None = None) -> dict[str, Any]:
+def export_model(
+    model_dir: Path,
+    out_path: Path,
+    dtype: str = "float32",
+    source: ModelSource | None = None,
+    transform: Mapping[str, Transform] | None = None,
+) -> dict[str, Any]:
     """Write the HF model in ``model_dir`` (config.json, tokenizer.json, safetensors) as GGUF ``out_path``.
 
     ``dtype``: float32 | float16 | bfloat16 | q8_0 for 2-D weights (1-D tensors stay float32). Tensors are

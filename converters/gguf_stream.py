@@ -60,9 +60,14 @@ def plan(model_dir: Path, skeleton: nn.Module) -> Renamed:
     return Renamed(ModelSource(model_dir), {e.key: e.source_key for f in files for e in f.entries})
 
 
-def export_merged(model_dir: Path, out_dir: Path, skeleton: nn.Module, dtype: str,
-                  fold: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
-                  weights: Renamed | None = None) -> list[str]:
+def export_merged(
+    model_dir: Path,
+    out_dir: Path,
+    skeleton: nn.Module,
+    dtype: str,
+    fold: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
+    weights: Renamed | None = None,
+) -> list[str]:
     """Write ``out_dir/model.gguf`` (``dtype``: float32, float16 or q8_0) of the merged model: ``fold[key]`` applied to
     the float32 tensor of each adapted weight. ``weights``: a :func:`plan` already made. Returns the files written."""
     from converters.safetensors import write_config

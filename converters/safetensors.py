@@ -38,11 +38,40 @@ from psoft_export.errors import UserInputError
 
 # safetensors' serialization order (its Rust ``Dtype`` enum, highest first): tensors are laid out by dtype, then
 # name. Checked against the library in tests/test_stream.py.
-SERIALIZE_ORDER = ("U64", "I64", "F64", "C64", "F32", "U32", "I32", "BF16", "F16", "U16", "I16", "F8_E8M0",
-                   "F8_E4M3", "F8_E5M2", "I8", "U8", "F6_E3M2", "F6_E2M3", "F4", "BOOL")
-ST_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-            torch.bool: "BOOL"}
+SERIALIZE_ORDER = (
+    "U64",
+    "I64",
+    "F64",
+    "C64",
+    "F32",
+    "U32",
+    "I32",
+    "BF16",
+    "F16",
+    "U16",
+    "I16",
+    "F8_E8M0",
+    "F8_E4M3",
+    "F8_E5M2",
+    "I8",
+    "U8",
+    "F6_E3M2",
+    "F6_E2M3",
+    "F4",
+    "BOOL",
+)
+ST_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 # The source dtype an export keeps by default (float64 is not an export dtype: it is written as float32).
 EXPORT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float32"}
 FLOATS = ("F64", "F32", "F16", "BF16")
@@ -113,8 +142,10 @@ def plan(model_dir: Path, model: nn.Module, dtype: str, extra: Mapping[str, torc
                 raise NotStreamable(f"{model_dir} has no tensor {key}: transformers initializes it when loading")
             file, src_dtype, src_shape = source.file(src), source.dtype(src), source.shape(src)
         if src_shape != shape:
-            raise UserInputError(f"{model_dir}: {src or key} has shape {src_shape}, the model's config says {shape}: "
-                                 "the checkpoint does not match its config")
+            raise UserInputError(
+                f"{model_dir}: {src or key} has shape {src_shape}, the model's config says {shape}: "
+                "the checkpoint does not match its config"
+            )
         name = src_dtype if src_dtype not in FLOATS else out_dtype
         # a sharded source keeps its layout; a head saved with the adapter joins the last shard
         target = (file or source.files[-1]) if sharded else SINGLE
@@ -183,10 +214,12 @@ def _copy_bytes(out, path: Path, offset: int, nbytes: int) -> None:
             nbytes -= len(chunk)
 
 
-def _producer(source: ModelSource, fold: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
-              extra: Mapping[str, torch.Tensor]) -> Callable[[Entry], torch.Tensor | Chunk]:
+def _producer(
+    source: ModelSource, fold: Mapping[str, Callable[[torch.Tensor], torch.Tensor]], extra: Mapping[str, torch.Tensor]
+) -> Callable[[Entry], torch.Tensor | Chunk]:
     """Each output tensor as the in-memory route computes it: loaded in float32, folded, cast. Where that is the
     identity (not adapted, same dtype in and out) the source bytes are copied, never loaded."""
+
     def produce(e: Entry) -> torch.Tensor | Chunk:
         if e.source_key is not None and e.key not in fold and source.dtype(e.source_key) == e.dtype:
             return source.span(e.source_key)
@@ -198,6 +231,7 @@ def _producer(source: ModelSource, fold: Mapping[str, Callable[[torch.Tensor], t
         if t.dtype == torch.float64:
             t = t.to(torch.float32)  # what the in-memory route loads: float64 rounds twice there, so here too
         return t.to(st_dtype(e.dtype))
+
     return produce
 
 
@@ -210,10 +244,15 @@ def write_config(model: nn.Module, out_dir: Path, dtype: str) -> None:
     (Path(out_dir) / SINGLE).unlink(missing_ok=True)
 
 
-def export_merged(model_dir: Path, out_dir: Path, model: nn.Module, dtype: str,
-                  fold: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
-                  extra: Optional[Mapping[str, torch.Tensor]] = None,
-                  files: Optional[list[OutFile]] = None) -> dict:
+def export_merged(
+    model_dir: Path,
+    out_dir: Path,
+    model: nn.Module,
+    dtype: str,
+    fold: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
+    extra: Optional[Mapping[str, torch.Tensor]] = None,
+    files: Optional[list[OutFile]] = None,
+) -> dict:
     """Write the merged model into the existing ``out_dir``: weights (``fold[key]`` applied to the float32 tensor
     of each adapted weight), an index when the source is sharded, config and generation config (tokenizer: the
     caller's). ``model`` is the meta-device skeleton; ``files`` a :func:`plan` already made. Returns
@@ -227,8 +266,10 @@ def export_merged(model_dir: Path, out_dir: Path, model: nn.Module, dtype: str,
     for out in files:
         total += _write_file(Path(out_dir) / out.name, out.entries, produce)
     if (Path(model_dir) / INDEX).is_file():
-        index = {"metadata": {"total_parameters": model.num_parameters(), "total_size": total},
-                 "weight_map": {e.key: out.name for out in files for e in out.entries}}
+        index = {
+            "metadata": {"total_parameters": model.num_parameters(), "total_size": total},
+            "weight_map": {e.key: out.name for out in files for e in out.entries},
+        }
         (Path(out_dir) / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return {"files": [out.name for out in files], "tensors": sum(len(o.entries) for o in files), "bytes": total}
 
@@ -243,8 +284,10 @@ def describe(export_dir: Path) -> dict:
         _, head = read_header(export_dir / name)
         meta = head.pop("__metadata__", {})
         tensors = sorted(head.items(), key=lambda kv: kv[1]["data_offsets"][0])
-        out["files"][name] = {"metadata": meta, "tensors": [{"name": k, "dtype": v["dtype"], "shape": v["shape"]}
-                                                           for k, v in tensors]}
+        out["files"][name] = {
+            "metadata": meta,
+            "tensors": [{"name": k, "dtype": v["dtype"], "shape": v["shape"]} for k, v in tensors],
+        }
     if (export_dir / INDEX).is_file():
         out["index"] = json.loads((export_dir / INDEX).read_text())["weight_map"]
     return out

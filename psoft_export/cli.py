@@ -67,26 +67,51 @@ def cli(debug: bool) -> None:
 @click.argument("model_dir", type=click.Path())
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Decomposition directory to write.")
 @click.option("--rank", type=int, required=True, help="Rank r of the principal subspace kept per weight.")
-@click.option("--targets", default="all-linear", show_default=True,
-              help="all-linear (every linear layer but the output head), names (q_proj,v_proj) or a regex.")
-@click.option("--svd", type=click.Choice(["exact", "full", "lowrank"]), default="exact", show_default=True,
-              help="exact: the exact subspace (float32 Gram eigh refined in float64); full: torch.linalg.svd in float32 "
-                   "(PEFT's); lowrank: randomized (torch.svd_lowrank), fastest, approximate on flat spectra.")
+@click.option(
+    "--targets",
+    default="all-linear",
+    show_default=True,
+    help="all-linear (every linear layer but the output head), names (q_proj,v_proj) or a regex.",
+)
+@click.option(
+    "--svd",
+    type=click.Choice(["exact", "full", "lowrank"]),
+    default="exact",
+    show_default=True,
+    help="exact: the exact subspace (float32 Gram eigh refined in float64); full: torch.linalg.svd in float32 "
+    "(PEFT's); lowrank: randomized (torch.svd_lowrank), fastest, approximate on flat spectra.",
+)
 @click.option("--niter", type=int, default=DEFAULT_NITER, show_default=True, help="Power iterations for --svd lowrank.")
-@click.option("--oversample", type=int, default=DEFAULT_OVERSAMPLE, show_default=True,
-              help="Extra columns for --svd lowrank (q = rank + oversample). 0 with --niter 10 reproduces PEFT.")
-@click.option("--init", type=click.Choice(["psoft", "pissa"]), default="psoft", show_default=True,
-              help="psoft: A = V_r^T (orthonormal rows); pissa: symmetric sqrt(S) split.")
+@click.option(
+    "--oversample",
+    type=int,
+    default=DEFAULT_OVERSAMPLE,
+    show_default=True,
+    help="Extra columns for --svd lowrank (q = rank + oversample). 0 with --niter 10 reproduces PEFT.",
+)
+@click.option(
+    "--init",
+    type=click.Choice(["psoft", "pissa"]),
+    default="psoft",
+    show_default=True,
+    help="psoft: A = V_r^T (orthonormal rows); pissa: symmetric sqrt(S) split.",
+)
 @click.option("--alpha", type=float, default=None, help="Scaling numerator, s = alpha / r (default: r, so s = 1).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the lowrank random projection.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
-              help="Where the SVDs run; auto uses CUDA when available.")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default="auto",
+    show_default=True,
+    help="Where the SVDs run; auto uses CUDA when available.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--no-plot", is_flag=True, help="Skip spectra.png.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest summary as JSON on stdout.")
 @handle_errors
-def decompose(model_dir, out_dir, rank, targets, svd, niter, oversample, init, alpha, seed, device, overwrite,
-              no_plot, as_json) -> None:
+def decompose(
+    model_dir, out_dir, rank, targets, svd, niter, oversample, init, alpha, seed, device, overwrite, no_plot, as_json
+) -> None:
     """Extract the SVD principal subspace of a model's target weights, once.
 
     Streams weights tensor by tensor from MODEL_DIR's safetensors (the model is never built) and writes
@@ -105,21 +130,47 @@ def decompose(model_dir, out_dir, rank, targets, svd, niter, oversample, init, a
     def progress(jobs):
         return tqdm(jobs, desc="decompose", unit="tensor", disable=None, leave=False)
 
-    result = run(model_dir, out_dir, rank, targets=parse_targets(targets), svd=svd, niter=niter,
-                 oversample=oversample, init=init, alpha=alpha, seed=seed, device=device, overwrite=overwrite,
-                 plot=not no_plot, progress=progress)
+    result = run(
+        model_dir,
+        out_dir,
+        rank,
+        targets=parse_targets(targets),
+        svd=svd,
+        niter=niter,
+        oversample=oversample,
+        init=init,
+        alpha=alpha,
+        seed=seed,
+        device=device,
+        overwrite=overwrite,
+        plot=not no_plot,
+        progress=progress,
+    )
     m = result.manifest
     if as_json:
         summary = {k: m[k] for k in ("rank", "alpha", "init", "svd", "niter", "oversample", "device", "seconds")}
         gaps = {n: {"gap": t["gap"], "f32_angle": t["f32_angle"]} for n, t in m["targets"].items()}
-        click.echo(json.dumps({"output": str(result.path), **summary, "targets": len(m["targets"]),
-                               "kinds": m["kinds"], "ill_posed": m["ill_posed"], "gaps": gaps}, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "output": str(result.path),
+                    **summary,
+                    "targets": len(m["targets"]),
+                    "kinds": m["kinds"],
+                    "ill_posed": m["ill_posed"],
+                    "gaps": gaps,
+                },
+                indent=2,
+            )
+        )
         return
     click.echo(format_table(m))
     if m["ill_posed"]:
         click.echo(ill_posed_warning(m), err=True)
-    click.echo(f"decomposed {len(m['targets'])} weights at rank {m['rank']} ({m['svd']} SVD on {m['device']}) "
-               f"in {m['seconds']:.1f} s -> {result.path}")
+    click.echo(
+        f"decomposed {len(m['targets'])} weights at rank {m['rank']} ({m['svd']} SVD on {m['device']}) "
+        f"in {m['seconds']:.1f} s -> {result.path}"
+    )
 
 
 def _help(name: str) -> str:
@@ -133,7 +184,9 @@ def _help(name: str) -> str:
 @click.option("--data", required=True, type=click.Path(), help="JSONL: {text}, {prompt, completion} or {text, label}.")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Adapter directory (PEFT format).")
 @click.option("--method", type=click.Choice(["psoft", "oft"]), default="psoft", show_default=True)
-@click.option("--decomposition", type=click.Path(), help="Directory written by 'decompose' (PSOFT); default: decompose now.")
+@click.option(
+    "--decomposition", type=click.Path(), help="Directory written by 'decompose' (PSOFT); default: decompose now."
+)
 @click.option("--rank", type=int, default=None, help=_help("rank"))
 @click.option("--alpha", type=float, default=None, help=_help("alpha"))
 @click.option("--block-size", type=int, default=32, show_default=True, help=_help("block_size"))
@@ -148,8 +201,13 @@ def _help(name: str) -> str:
 @click.option("--cayley", type=click.Choice(["exact", "neumann"]), default=None, help=_help("cayley"))
 @click.option("--neumann-terms", type=int, default=6, show_default=True, help=_help("neumann_terms"))
 @click.option("--no-vectors", is_flag=True, help="PSOFT without the tunable vectors (strictly orthogonal R).")
-@click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True,
-              help=_help("precision"))
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default="auto",
+    show_default=True,
+    help=_help("precision"),
+)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--grad-checkpointing", is_flag=True, help=_help("grad_checkpointing"))
 @click.option("--eval-data", type=click.Path(), default=None, help="JSONL of the same kind for the eval loss.")
@@ -166,8 +224,9 @@ def _help(name: str) -> str:
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @handle_errors
-def train(model_dir, data, out_dir, decomposition, no_vectors, eval_data, resume, overwrite, allow_pickle, as_json,
-          **options) -> None:
+def train(
+    model_dir, data, out_dir, decomposition, no_vectors, eval_data, resume, overwrite, allow_pickle, as_json, **options
+) -> None:
     """Train a PSOFT or OFTv2 adapter on a JSONL data set; writes a PEFT-compatible adapter directory.
 
     OUTPUT holds adapter_config.json + adapter_model.safetensors (PEFT loads them), the subspace
@@ -188,32 +247,57 @@ def train(model_dir, data, out_dir, decomposition, no_vectors, eval_data, resume
 
     def progress(steps):
         total["steps"] = steps.stop
-        return tqdm(steps, desc=f"train {cfg.method}", unit="step", disable=not interactive, initial=steps.start,
-                    total=steps.stop)
+        return tqdm(
+            steps,
+            desc=f"train {cfg.method}",
+            unit="step",
+            disable=not interactive,
+            initial=steps.start,
+            total=steps.stop,
+        )
 
     def on_log(record):  # where no progress bar can be drawn (CI, nohup, notebooks): a plain line now and then
         steps = total.get("steps", 0)
         every = max(1, steps // 20) if steps else 1
         if not interactive and (record["step"] % every == 0 or record["step"] == steps):
-            click.echo(f"train: step {record['step']}/{steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
-                       f"{record['tokens_per_s']:.0f} tok/s", err=True)
+            click.echo(
+                f"train: step {record['step']}/{steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+                f"{record['tokens_per_s']:.0f} tok/s",
+                err=True,
+            )
 
-    summary = run(model_dir, data, out_dir, cfg, decomposition=decomposition, eval_data=eval_data, resume=resume,
-                  overwrite=overwrite, progress=progress, on_log=on_log, allow_pickle=allow_pickle)
+    summary = run(
+        model_dir,
+        data,
+        out_dir,
+        cfg,
+        decomposition=decomposition,
+        eval_data=eval_data,
+        resume=resume,
+        overwrite=overwrite,
+        progress=progress,
+        on_log=on_log,
+        allow_pickle=allow_pickle,
+    )
     if summary is None:  # a rank other than 0 under torchrun: rank 0 reports
         return
     form = summary["peft_form"]
     if not form["faithful"]:
-        click.echo(f"note: PEFT's PSOFT files were not written: {form['reason']} (> {form['tolerance']:.0e}); the "
-                   "adapter is complete in psoft-export's format, and 'merge --to safetensors --split' writes its "
-                   "exact LoRA form, which PEFT loads", err=True)
+        click.echo(
+            f"note: PEFT's PSOFT files were not written: {form['reason']} (> {form['tolerance']:.0e}); the "
+            "adapter is complete in psoft-export's format, and 'merge --to safetensors --split' writes its "
+            "exact LoRA form, which PEFT loads",
+            err=True,
+        )
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
     evals = f", eval loss {summary['eval_loss']:.4f}" if summary["eval_loss"] is not None else ""
-    click.echo(f"trained {cfg.method} for {summary['steps']} steps in {summary['seconds']:.1f} s on {summary['device']}: "
-               f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}{evals}; "
-               f"{summary['trainable_parameters']:,} trainable parameters -> {summary['output']}")
+    click.echo(
+        f"trained {cfg.method} for {summary['steps']} steps in {summary['seconds']:.1f} s on {summary['device']}: "
+        f"loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}{evals}; "
+        f"{summary['trainable_parameters']:,} trainable parameters -> {summary['output']}"
+    )
 
 
 def _print_report(report: dict) -> None:
@@ -229,20 +313,44 @@ def _print_report(report: dict) -> None:
 @click.option("--to", "fmt", required=True, help="Export format: safetensors, onnx or gguf.")
 @click.option("--split", is_flag=True, help="Write the base and the adapter separately (LoRA form for PSOFT).")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Output directory.")
-@click.option("--dtype", default="source", show_default=True,
-              help="source, float32, float16 or bfloat16 (per format). source: merged safetensors keeps the source "
-                   "checkpoint's dtype (bf16 stays bf16); the other routes write float32.")
+@click.option(
+    "--dtype",
+    default="source",
+    show_default=True,
+    help="source, float32, float16 or bfloat16 (per format). source: merged safetensors keeps the source "
+    "checkpoint's dtype (bf16 stays bf16); the other routes write float32.",
+)
 @click.option("--quant", default=None, help="GGUF quantization of the 2-D weights: q8_0.")
-@click.option("--lora-rank", type=int, default=None, help="OFT to a LoRA-only target: rank of the truncated-SVD approximation.")
+@click.option(
+    "--lora-rank", type=int, default=None, help="OFT to a LoRA-only target: rank of the truncated-SVD approximation."
+)
 @click.option("--no-verify", is_flag=True, help="Skip running the export in its runtime against PyTorch.")
-@click.option("--strict", is_flag=True, help="If verification fails, keep nothing (default: keep the export as OUT.unverified).")
-@click.option("--inputs", type=click.Path(), default=None, help="JSONL of {\"text\"} to verify on (default: fixed sentences).")
+@click.option(
+    "--strict", is_flag=True, help="If verification fails, keep nothing (default: keep the export as OUT.unverified)."
+)
+@click.option(
+    "--inputs", type=click.Path(), default=None, help='JSONL of {"text"} to verify on (default: fixed sentences).'
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE)
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON on stdout.")
 @handle_errors
-def merge(model_dir, adapter_dir, fmt, split, out_dir, dtype, quant, lora_rank, no_verify, strict, inputs, overwrite,
-          allow_pickle, as_json) -> None:
+def merge(
+    model_dir,
+    adapter_dir,
+    fmt,
+    split,
+    out_dir,
+    dtype,
+    quant,
+    lora_rank,
+    no_verify,
+    strict,
+    inputs,
+    overwrite,
+    allow_pickle,
+    as_json,
+) -> None:
     """Fold the rotations into the weights and export (safetensors, ONNX, GGUF), verified against PyTorch.
 
     \b
@@ -258,9 +366,22 @@ def merge(model_dir, adapter_dir, fmt, split, out_dir, dtype, quant, lora_rank, 
     from psoft_export.merge import merge as run
     from psoft_export.verify import read_inputs
 
-    summary = run(model_dir, adapter_dir, out_dir, fmt, split=split, dtype=dtype, quant=quant, lora_rank=lora_rank,
-                  verify=not no_verify, overwrite=overwrite, texts=read_inputs(inputs), allow_pickle=allow_pickle,
-                  strict=strict, on_stage=lambda name: click.echo(f"merge: {name} ...", err=True))
+    summary = run(
+        model_dir,
+        adapter_dir,
+        out_dir,
+        fmt,
+        split=split,
+        dtype=dtype,
+        quant=quant,
+        lora_rank=lora_rank,
+        verify=not no_verify,
+        overwrite=overwrite,
+        texts=read_inputs(inputs),
+        allow_pickle=allow_pickle,
+        strict=strict,
+        on_stage=lambda name: click.echo(f"merge: {name} ...", err=True),
+    )
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
@@ -268,8 +389,10 @@ def merge(model_dir, adapter_dir, fmt, split, out_dir, dtype, quant, lora_rank, 
     dtype = quant or summary["dtype"] + (", the source's dtype" if summary["dtype_from"] == "source" else "")
     click.echo(f"exported {kind} {fmt} ({dtype}) -> {summary['output']}: {', '.join(summary['files'])}")
     if summary["lora_approximation"]:
-        click.echo(f"  rank-{lora_rank} LoRA approximation of OFT: max relative weight error "
-                   f"{summary['lora_approximation']['max_rel_err']:.3e}")
+        click.echo(
+            f"  rank-{lora_rank} LoRA approximation of OFT: max relative weight error "
+            f"{summary['lora_approximation']['max_rel_err']:.3e}"
+        )
     if summary["verification"]:
         _print_report(summary["verification"])
     if summary.get("quantized_base"):
@@ -277,19 +400,27 @@ def merge(model_dir, adapter_dir, fmt, split, out_dir, dtype, quant, lora_rank, 
 
 
 def _print_quantized(q: dict) -> None:
-    click.echo(f"  trained over a {q['quant_type']} base: folded into {q['dequantized']} dequantized weights, written "
-               f"as {q['written_as']}")
+    click.echo(
+        f"  trained over a {q['quant_type']} base: folded into {q['dequantized']} dequantized weights, written "
+        f"as {q['written_as']}"
+    )
     gap = q.get("vs_trained_model")
     if gap:
-        click.echo(f"  vs the 4-bit model as trained: rel err {gap['as_trained_rel_err']:.3e}; vs bitsandbytes' CPU "
-                   f"inference kernel (bf16 absmax): {gap['bnb_cpu_inference_rel_err']:.3e}")
+        click.echo(
+            f"  vs the 4-bit model as trained: rel err {gap['as_trained_rel_err']:.3e}; vs bitsandbytes' CPU "
+            f"inference kernel (bf16 absmax): {gap['bnb_cpu_inference_rel_err']:.3e}"
+        )
 
 
 @cli.command(context_settings=CONTEXT)
 @click.argument("export_dir", type=click.Path())
 @click.option("--model", "model_dir", required=True, type=click.Path(), help="The base model directory.")
-@click.option("--adapter", "adapter_dir", required=True, type=click.Path(), help="The adapter the export was made from.")
-@click.option("--inputs", type=click.Path(), default=None, help="JSONL of {\"text\"} to verify on (default: fixed sentences).")
+@click.option(
+    "--adapter", "adapter_dir", required=True, type=click.Path(), help="The adapter the export was made from."
+)
+@click.option(
+    "--inputs", type=click.Path(), default=None, help='JSONL of {"text"} to verify on (default: fixed sentences).'
+)
 @click.option("--allow-pickle", is_flag=True, help=ALLOW_PICKLE)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @handle_errors

@@ -9,8 +9,9 @@ and ``no_sync`` for gradient accumulation. Here the trainable set is small (a fe
 reduction happens once per optimizer step, after the last micro-batch, and one explicit ``all_reduce`` of one
 bucket is easy to check: ``4 x (trainable parameters + 4)`` bytes per step.
 
-The average is exact (up to the order of float sums). A global batch is G consecutive rows of the seeded order that the single-process loop
-uses (:func:`psoft_export.data.batches` with batch size G), split between the ranks and then into micro-batches.
+The average is exact (up to the order of float sums). A global batch is G consecutive rows of the seeded order that
+the single-process loop uses (:func:`psoft_export.data.batches` with batch size G), split between the ranks and
+then into micro-batches.
 Each micro-batch's mean loss is weighted by its share of the loss terms of the whole global batch (label tokens
 for language modelling, rows for classification), which every rank counts itself from the rows, so the summed
 gradients are those of the mean over all tokens of the global batch: what one process computes on that batch.
@@ -64,7 +65,7 @@ class World:
 
     def shard(self, items: list) -> list:
         """This rank's share of ``items`` (every ``size``-th from ``rank``); all of them in one process."""
-        return items if self.size == 1 else items[self.rank::self.size]
+        return items if self.size == 1 else items[self.rank :: self.size]
 
     def sum(self, values: list, device: str) -> list:
         """``values`` summed over the ranks (float64); unchanged in one process."""
@@ -87,8 +88,10 @@ def detect(env=os.environ) -> World:
         try:
             values[name] = int(env[name])
         except (KeyError, ValueError):
-            raise UserInputError(f"WORLD_SIZE={env['WORLD_SIZE']} is set but {name}={env.get(name)!r} is not a rank "
-                                 "number: launch with torchrun, which sets WORLD_SIZE, RANK and LOCAL_RANK") from None
+            raise UserInputError(
+                f"WORLD_SIZE={env['WORLD_SIZE']} is set but {name}={env.get(name)!r} is not a rank "
+                "number: launch with torchrun, which sets WORLD_SIZE, RANK and LOCAL_RANK"
+            ) from None
     size, rank = values["WORLD_SIZE"], values["RANK"]
     if size < 1 or not 0 <= rank < size:
         raise UserInputError(f"RANK={rank} is not a rank of WORLD_SIZE={size}: launch with torchrun")
@@ -119,8 +122,9 @@ def process_group(world: World, device: str) -> Iterator[World]:
         return
     addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
     if not addr or not port:
-        raise UserInputError(f"WORLD_SIZE={world.size} is set but MASTER_ADDR/MASTER_PORT are not: launch with "
-                             "torchrun")
+        raise UserInputError(
+            f"WORLD_SIZE={world.size} is set but MASTER_ADDR/MASTER_PORT are not: launch with torchrun"
+        )
     seconds = timeout_seconds()
     timeout = timedelta(seconds=seconds)
     cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
@@ -131,9 +135,14 @@ def process_group(world: World, device: str) -> Iterator[World]:
         # The rendezvous by hand (what init_process_group does for env://) to keep the store for waits on rank 0.
         store, _, _ = next(dist.rendezvous("env://", world.rank, world.size, timeout=timeout))
         store.set_timeout(timeout)
-        dist.init_process_group("nccl" if cuda else "gloo", store=dist.PrefixStore("default_pg", store),
-                                rank=world.rank, world_size=world.size, timeout=timeout,
-                                device_id=torch.device("cuda", world.local_rank) if cuda else None)
+        dist.init_process_group(
+            "nccl" if cuda else "gloo",
+            store=dist.PrefixStore("default_pg", store),
+            rank=world.rank,
+            world_size=world.size,
+            timeout=timeout,
+            device_id=torch.device("cuda", world.local_rank) if cuda else None,
+        )
     except (RuntimeError, ValueError, OSError) as exc:  # DistStoreError, DistNetworkError, refused, timed out
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserInputError(
@@ -185,11 +194,13 @@ def _wait(world: World, keys: list[str], name: str) -> None:
     try:
         world.store.wait(keys, MAIN_WORK_TIMEOUT)
     except RuntimeError as exc:  # rank 0 ended (its own error says why) and took the store with it
-        raise PsoftExportError(f"rank {world.rank}: the other ranks stopped before '{name}' "
-                               f"({str(exc).strip()[:120]}): see rank 0's error") from None
+        raise PsoftExportError(
+            f"rank {world.rank}: the other ranks stopped before '{name}' ({str(exc).strip()[:120]}): see rank 0's error"
+        ) from None
 
 
 # ------------------------------------------------------------------------------------------------ batches
+
 
 def step_batches(data: data_mod.Dataset, cfg, world: World, pad_id: int, start: int) -> Iterator:
     """For each optimizer step from ``start``: this rank's micro-batches as ``(batch, divisor)`` pairs, the loss of
@@ -221,9 +232,12 @@ def _global(data: data_mod.Dataset, cfg, world: World, pad_id: int, start: int) 
         for rows in data_mod.batches(data, size, cfg.seed, epoch)[offset:]:
             total = sum(terms[i] for i in rows)
             mine = split(rows, world.size)[world.rank]
-            micro = [mine[i:i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-            yield [(data_mod.collate([data.rows[i] for i in m], pad_id), total / n)
-                   for m, n in ((m, sum(terms[i] for i in m)) for m in micro) if n]  # no term: nothing to add
+            micro = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
+            yield [
+                (data_mod.collate([data.rows[i] for i in m], pad_id), total / n)
+                for m, n in ((m, sum(terms[i] for i in m)) for m in micro)
+                if n
+            ]  # no term: nothing to add
             step += 1
 
 
@@ -238,10 +252,11 @@ def split(rows: list, parts: int) -> list[list]:
     """``rows`` in ``parts`` consecutive slices whose sizes differ by at most one (a short last batch too)."""
     q, r = divmod(len(rows), parts)
     bounds = [i * q + min(i, r) for i in range(parts + 1)]
-    return [rows[bounds[i]:bounds[i + 1]] for i in range(parts)]
+    return [rows[bounds[i] : bounds[i + 1]] for i in range(parts)]
 
 
 # ------------------------------------------------------------------------------------------------ the step
+
 
 def start_together(world: World, params: list[torch.Tensor], identity: dict) -> None:
     """Every rank trains on the files rank 0 trains on (their hashes: a node with other data would otherwise train
@@ -252,28 +267,32 @@ def start_together(world: World, params: list[torch.Tensor], identity: dict) -> 
     dist.broadcast_object_list(main, src=0)
     differ = [name for name in identity if identity[name] != main[0].get(name)]
     if differ:
-        raise UserInputError(f"rank {world.rank}: {', '.join(differ)} differ from rank 0's (sha256): every node must "
-                             "hold the same model and data files")
+        raise UserInputError(
+            f"rank {world.rank}: {', '.join(differ)} differ from rank 0's (sha256): every node must "
+            "hold the same model and data files"
+        )
     with torch.no_grad():
         flat = torch.cat([p.detach().reshape(-1).float() for p in params])
         dist.broadcast(flat, src=0)
         _unflatten(flat, params, lambda p, chunk: p.copy_(chunk))
 
 
-def all_reduce_step(params: list[torch.Tensor], losses: list[torch.Tensor], tokens: int,
-                    received: Optional[int]) -> tuple[list[torch.Tensor], int, Optional[int]]:
+def all_reduce_step(
+    params: list[torch.Tensor], losses: list[torch.Tensor], tokens: int, received: Optional[int]
+) -> tuple[list[torch.Tensor], int, Optional[int]]:
     """Sum the trainable gradients, the weighted losses, the token count and the stop requests of every rank in one
     float32 all-reduce (``4 x (trainable parameters + 4)`` bytes). Returns the global loss (as a one-element list
     of a tensor, as the loop keeps them), the global token count and the signal every rank acts on."""
     device = params[0].device
     local = torch.stack(losses).sum().float() if losses else torch.zeros((), device=device)  # a rank with no rows
-    stats = torch.tensor([tokens, received == signal.SIGINT, received == signal.SIGTERM], dtype=torch.float32,
-                         device=device)
+    stats = torch.tensor(
+        [tokens, received == signal.SIGINT, received == signal.SIGTERM], dtype=torch.float32, device=device
+    )
     grads = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).float() for p in params]
     bucket = torch.cat(grads + [local.reshape(1).to(device), stats])
     dist.all_reduce(bucket)
     offset = _unflatten(bucket, params, _set_grad)
-    tokens, interrupts, terminates = bucket[offset + 1:].tolist()
+    tokens, interrupts, terminates = bucket[offset + 1 :].tolist()
     agreed = signal.SIGTERM if terminates else signal.SIGINT if interrupts else None
     return [bucket[offset]], int(tokens), agreed
 
@@ -288,7 +307,7 @@ def _set_grad(p: torch.Tensor, chunk: torch.Tensor) -> None:
 def _unflatten(flat: torch.Tensor, params: list[torch.Tensor], put) -> int:
     offset = 0
     for p in params:
-        put(p, flat[offset:offset + p.numel()].view_as(p))
+        put(p, flat[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
     return offset
 
@@ -301,6 +320,7 @@ def reseed(world: World, seed: int, step: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ resume
+
 
 def dropout_in(model: nn.Module) -> Optional[str]:
     """The first active dropout of ``model`` (a module with p > 0, or the attention's), or None."""
@@ -326,13 +346,18 @@ def check_resume(state: dict, cfg, world: World, model: nn.Module) -> None:
         raise UserInputError(
             f"--resume: the checkpoint was written by {then[0]} rank(s) (global batch {before}) and this run has "
             f"{now[0]} (global batch {after}): resume on {then[0]} rank(s), or start runs with --global-batch-size, "
-            "which keeps the global batch whatever the number of ranks")
+            "which keeps the global batch whatever the number of ranks"
+        )
     dropout = dropout_in(model)
     if dropout:
         raise UserInputError(
             f"--resume: the checkpoint was written by {layout(*then)} and this run is {layout(*now)}: the same global "
             f"batch {after}, but the model has dropout ({dropout}), whose masks depend on that split: resume with "
-            f"{then[0]} rank(s) and --batch-size {then[1]}")
+            f"{then[0]} rank(s) and --batch-size {then[1]}"
+        )
     if world.is_main:
-        print(f"note: resuming a run checkpointed as {layout(*then)} as {layout(*now)}: the same global batch "
-              f"{after}, so the same rows in each step and the same updates (up to float rounding)", file=sys.stderr)
+        print(
+            f"note: resuming a run checkpointed as {layout(*then)} as {layout(*now)}: the same global batch "
+            f"{after}, so the same rows in each step and the same updates (up to float rounding)",
+            file=sys.stderr,
+        )

@@ -24,7 +24,6 @@ written (safetensors: in the source's dtype unless ``dtype`` says otherwise). Ot
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import tempfile
@@ -38,16 +37,15 @@ from psoft_export import __version__, adapter_io, quantized
 from psoft_export.adapters import (
     OftLinear,
     adapter_layers,
-    fold_weight,
     merge_and_unload,
-    select_targets,
 )
-from psoft_export.adapters.layout import is_fan_in_fan_out
 from psoft_export.adapters.lora import approximated_model, lora_form  # noqa: F401  (re-exported)
 from psoft_export.atomic import MARKER, atomic_output_dir, check_output_dir, mark
-from psoft_export.checkpoint import INDEX, SINGLE, load_config, load_tokenizer, loading_kwargs
+from psoft_export.checkpoint import INDEX, SINGLE, load_config, load_tokenizer
 from psoft_export.errors import UserInputError, VerificationError
-from psoft_export.models import base_skeleton, model_kind, reference_model
+from psoft_export.models import model_kind, reference_model
+from psoft_export.peft_lora import peft_lora_config, write_lora_dir  # noqa: F401  (re-exported)
+from psoft_export.streamed import Stream, stream_plan
 from psoft_export.verification import EXPORT_FILE, EXPORT_FORMAT, trained_model_gap, verify_export
 
 FORMATS = ("safetensors", "onnx", "gguf")
@@ -60,16 +58,8 @@ STREAMED = ("safetensors", "gguf")  # merged exports written tensor by tensor fr
 ADAPTER_FILES = (adapter_io.CONFIG_FILE, adapter_io.WEIGHTS_FILE, adapter_io.META_FILE, adapter_io.OURS_FILE)
 
 
-def peft_lora_config(targets: list[str], rank: int, alpha: float, base_model: str, task_type: Optional[str],
-                     fan_in_fan_out: bool, heads: list[str]) -> dict:
-    """A PEFT 0.21 LoRA ``adapter_config.json`` (what ``convert_lora_to_gguf.py`` and vLLM read)."""
-    return {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": sorted(targets),
-            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": fan_in_fan_out, "task_type": task_type,
-            "base_model_name_or_path": base_model, "inference_mode": True, "init_lora_weights": True,
-            "use_rslora": False, "use_dora": False, "modules_to_save": heads or None, "peft_version": "0.21.2"}
-
-
 # ------------------------------------------------------------------------------------------ routes
+
 
 def _save_hf(model: nn.Module, model_dir: Path, out: Path, dtype: str) -> None:
     model = model.to(DTYPES[dtype])
@@ -103,64 +93,9 @@ def _merged(to: str, model, model_dir: Path, tmp: Path, dtype: str, quant: Optio
     return sorted(p.name for p in tmp.iterdir())
 
 
-class _Stream:
-    """A streamed merged safetensors or GGUF export, planned: the meta skeleton, the adapter as read, the fold per
-    adapted weight, the head tensors saved with the adapter, and the output files (GGUF: the source tensors by the
-    model's names)."""
-
-    def __init__(self, model_dir: Path, adapter_dir: Path, dtype: str, kind: str, classes: Optional[list],
-                 to: str = "safetensors") -> None:
-        from converters import gguf_stream
-        from converters import safetensors as conv
-
-        self.model_dir, self.dtype, self.to = model_dir, dtype, to
-        self.skeleton = base_skeleton(model_dir, kind, classes, adapter_dir)
-        self.adapter = adapter_io.read_adapter(adapter_dir, self.skeleton, model_dir)
-        self.extra = {}
-        for name, state in adapter_io.head_state(self.skeleton, self.adapter.head_tensors, self.adapter.heads).items():
-            try:  # the strict shape and key check load_state_dict makes in the in-memory route (meta: no copy)
-                self.skeleton.get_submodule(name).load_state_dict({k: v.to("meta") for k, v in state.items()})
-            except RuntimeError as exc:
-                raise UserInputError(f"{adapter_dir}: saved head {name} does not fit this model "
-                                     f"({str(exc).splitlines()[0]})") from None
-            self.extra.update({f"{name}.{p}": t for p, t in state.items()})
-        self.fold = {f"{name}.weight": functools.partial(self._fold, name, is_fan_in_fan_out(self.skeleton.get_submodule(name)))
-                     for name in select_targets(self.skeleton, self.adapter.targets)}  # what inject would adapt
-        self.files = (conv.plan(model_dir, self.skeleton, dtype, self.extra) if to == "safetensors"
-                      else gguf_stream.plan(model_dir, self.skeleton))
-
-    def _fold(self, name: str, fan_in_fan_out: bool, weight: torch.Tensor) -> torch.Tensor:
-        return fold_weight(weight, fan_in_fan_out, lambda base: adapter_io.adapter_layer(self.adapter, name, base))
-
-    def write(self, out: Path) -> list[str]:
-        from converters import safetensors as conv
-
-        if self.to == "gguf":
-            from converters import gguf_stream
-
-            return gguf_stream.export_merged(self.model_dir, out, self.skeleton, self.dtype, self.fold, self.files)
-        conv.export_merged(self.model_dir, out, self.skeleton, self.dtype, self.fold, self.extra, self.files)
-        load_tokenizer(self.model_dir).save_pretrained(out)
-        return sorted(p.name for p in out.iterdir())
-
-
-def _stream_plan(model_dir: Path, adapter_dir: Path, dtype: str, kind: str, classes: Optional[list],
-                 allow_pickle: bool, to: str = "safetensors") -> tuple[Optional[_Stream], Optional[str]]:
-    """The streamed export, or why this checkpoint takes the in-memory route (pickled weights; a tensor the model
-    class initializes because the files lack it)."""
-    from converters.safetensors import NotStreamable
-
-    if not any((model_dir / f).is_file() for f in (SINGLE, INDEX)):
-        return None, "no safetensors weights"
-    loading_kwargs(model_dir, allow_pickle)  # the checks from_pretrained's route makes first
-    try:
-        return _Stream(model_dir, adapter_dir, dtype, kind, classes, to), None
-    except NotStreamable as exc:
-        return None, str(exc)
-
-
-def _reference_loader(model: Optional[nn.Module], model_dir: Path, adapter_dir: Path, allow_pickle: bool,
-                      stage: Callable[[str], None]) -> Callable[[], nn.Module]:
+def _reference_loader(
+    model: Optional[nn.Module], model_dir: Path, adapter_dir: Path, allow_pickle: bool, stage: Callable[[str], None]
+) -> Callable[[], nn.Module]:
     """The reference for ``verify_export``, handed over rather than shared (it can then drop it before loading the
     export: one model in memory at a time); loaded on demand when the export did not need it."""
     held = [model]
@@ -170,6 +105,7 @@ def _reference_loader(model: Optional[nn.Module], model_dir: Path, adapter_dir: 
             stage("loading the reference model (float32, with the adapter)")
             return reference_model(model_dir, adapter_dir, allow_pickle)[0]
         return held.pop()
+
     return load
 
 
@@ -198,8 +134,17 @@ def _keep_unverified(tmp: Path, out_dir: Path) -> Optional[Path]:
     return kept
 
 
-def _split(to: str, model, model_dir: Path, adapter_dir: Path, tmp: Path, dtype: str, quant: Optional[str],
-           lora_rank: Optional[int], kind: str) -> tuple[list[str], dict]:
+def _split(
+    to: str,
+    model,
+    model_dir: Path,
+    adapter_dir: Path,
+    tmp: Path,
+    dtype: str,
+    quant: Optional[str],
+    lora_rank: Optional[int],
+    kind: str,
+) -> tuple[list[str], dict]:
     layers = adapter_layers(model)
     if to == "safetensors":
         (tmp / "adapter").mkdir()
@@ -211,9 +156,11 @@ def _split(to: str, model, model_dir: Path, adapter_dir: Path, tmp: Path, dtype:
         is_oft = any(isinstance(l, OftLinear) for l in layers.values())
         if is_oft and lora_rank is None:
             return ["adapter"], {}
-        return ["adapter", "lora"], _write_lora_dir(model, model_dir, adapter_dir, tmp / "lora", lora_rank)
+        return ["adapter", "lora"], write_lora_dir(model, model_dir, adapter_dir, tmp / "lora", lora_rank)
     if kind == "classify":
-        raise UserInputError(f"a classification adapter carries a new head: export it merged (drop --split) for --to {to}")
+        raise UserInputError(
+            f"a classification adapter carries a new head: export it merged (drop --split) for --to {to}"
+        )
     if to == "onnx":
         from converters import onnx as conv
 
@@ -225,7 +172,9 @@ def _split(to: str, model, model_dir: Path, adapter_dir: Path, tmp: Path, dtype:
             return sorted(p.name for p in tmp.iterdir()), {}
         factors, alpha, errors = lora_form(model, lora_rank)
         conv.export_split(model_dir, tmp, lora_targets=list(factors))
-        conv.write_adapter(tmp / "adapter.onnx_adapter", lora=factors, scaling=alpha / next(iter(factors.values()))[0].shape[0])
+        conv.write_adapter(
+            tmp / "adapter.onnx_adapter", lora=factors, scaling=alpha / next(iter(factors.values()))[0].shape[0]
+        )
         return sorted(p.name for p in tmp.iterdir()), errors
     from converters import gguf as conv
 
@@ -235,61 +184,47 @@ def _split(to: str, model, model_dir: Path, adapter_dir: Path, tmp: Path, dtype:
     return ["model.gguf", "adapter.gguf"], errors
 
 
-def _write_lora_dir(model, model_dir: Path, adapter_dir: Path, out: Path, lora_rank: Optional[int]) -> dict:
-    from safetensors.torch import save_file
-
-    from psoft_export.adapters.layout import is_fan_in_fan_out
-
-    factors, alpha, errors = lora_form(model, lora_rank)
-    out.mkdir()
-    peft = adapter_io.read_config(adapter_dir)
-    heads = peft.get("modules_to_save") or []
-    tensors = {}
-    for name, (A, B) in factors.items():
-        tensors[f"{adapter_io.PREFIX}{name}.lora_A.weight"] = A.contiguous()
-        tensors[f"{adapter_io.PREFIX}{name}.lora_B.weight"] = B.contiguous()
-    for head in heads:
-        for key, value in adapter_io.head_tensors(adapter_dir, head).items():
-            tensors[key] = value
-    rank = next(iter(factors.values()))[0].shape[0]
-    fan = any(is_fan_in_fan_out(l.base_layer) for l in adapter_layers(model).values())
-    config = peft_lora_config(sorted({n.rsplit(".", 1)[-1] for n in factors}), rank,
-                              int(alpha) if float(alpha).is_integer() else alpha, str(model_dir),
-                              peft.get("task_type"), fan, heads)
-    save_file(tensors, str(out / adapter_io.WEIGHTS_FILE), metadata={"format": "pt"})
-    (out / adapter_io.CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return errors
-
-
 # ------------------------------------------------------------------------------------------ a quantized base (QOFT)
+
 
 def quantized_base(adapter_dir: Path, to: str, split: bool) -> Optional[dict]:
     """The adapter's ``quantized_base`` record (``None``: trained over float weights); refuses the routes that do not
     reproduce a quantized base yet."""
     record = quantized.record_of(adapter_io.read_meta(adapter_dir))
     if record is not None and (split or to != "safetensors"):
-        raise UserInputError(f"{adapter_dir} was trained over a {record['quant_type']} base: it exports merged --to "
-                             "safetensors only (folded into the dequantized weights); drop --split / use --to "
-                             "safetensors")
+        raise UserInputError(
+            f"{adapter_dir} was trained over a {record['quant_type']} base: it exports merged --to "
+            "safetensors only (folded into the dequantized weights); drop --split / use --to "
+            "safetensors"
+        )
     return record
 
 
-def _dequantize_in_export(stream: Optional[_Stream], record: dict, dtype: str) -> dict:
+def _dequantize_in_export(stream: Optional[Stream], record: dict, dtype: str) -> dict:
     """Have the export fold into the dequantized weights the adapter was trained over, and say so. Streamed: each
     quantized weight is round-tripped before its fold; in memory: :func:`verify.reference_model` (the model this
     route merges) already holds the round-tripped weights."""
     if stream is not None:
         keys = {e.key for f in stream.files for e in f.entries}
         quantized.round_trip_folds(stream.fold, record, keys.__contains__)
-    return {"library": record["library"], "version": record.get("version"), "quant_type": record["quant_type"],
-            "blocksize": record["blocksize"], "dequantized": len(record["modules"]), "modules": record["modules"],
-            "written_as": dtype, "folded_into": "dequant(quant(W)) of every quantized weight, as trained, then R"}
+    return {
+        "library": record["library"],
+        "version": record.get("version"),
+        "quant_type": record["quant_type"],
+        "blocksize": record["blocksize"],
+        "dequantized": len(record["modules"]),
+        "modules": record["modules"],
+        "written_as": dtype,
+        "folded_into": "dequant(quant(W)) of every quantized weight, as trained, then R",
+    }
 
 
 # ------------------------------------------------------------------------------------------ the verb
 
-def check_request(model_dir: Path, adapter_dir: Path, to: str, split: bool, dtype: str, quant: Optional[str],
-                  lora_rank: Optional[int]) -> None:
+
+def check_request(
+    model_dir: Path, adapter_dir: Path, to: str, split: bool, dtype: str, quant: Optional[str], lora_rank: Optional[int]
+) -> None:
     """Everything about the request that can be refused before any work."""
     if to not in FORMATS:
         raise UserInputError(f"unknown export format --to {to!r}: choose one of {', '.join(FORMATS)}")
@@ -298,27 +233,48 @@ def check_request(model_dir: Path, adapter_dir: Path, to: str, split: bool, dtyp
     if quant is not None and (to != "gguf" or quant not in QUANTS):
         raise UserInputError(f"--quant {quant} is for --to gguf and must be one of {', '.join(QUANTS)}")
     if to == "onnx" and dtype != "float32":
-        raise UserInputError("ONNX exports are float32 (ONNX Runtime's CPU provider refuses mixed half graphs): use --dtype float32")
+        raise UserInputError(
+            "ONNX exports are float32 (ONNX Runtime's CPU provider refuses mixed half graphs): use --dtype float32"
+        )
     if to == "gguf" and dtype == "bfloat16":
-        raise UserInputError("GGUF exports are float32, float16 or --quant q8_0: use --dtype float16 for half precision")
+        raise UserInputError(
+            "GGUF exports are float32, float16 or --quant q8_0: use --dtype float16 for half precision"
+        )
     if lora_rank is not None and (lora_rank <= 0 or not split):
         raise UserInputError("--lora-rank K (K > 0) is for --split exports of OFT adapters")
     config = load_config(model_dir)
     if to == "gguf" and config.model_type not in GGUF_TYPES:
-        raise UserInputError(f"GGUF export supports {', '.join(GGUF_TYPES)} models, not {config.model_type}: "
-                             "use --to safetensors or --to onnx")
+        raise UserInputError(
+            f"GGUF export supports {', '.join(GGUF_TYPES)} models, not {config.model_type}: "
+            "use --to safetensors or --to onnx"
+        )
     peft = adapter_io.read_config(adapter_dir)
     adapter_io.method_config(peft, str(adapter_dir))
     quantized_base(adapter_dir, to, split)
     kind, _ = model_kind(model_dir, adapter_dir)
     if split and kind == "classify" and to != "safetensors":
-        raise UserInputError(f"a classification adapter carries a new head: export it merged (drop --split) for --to {to}")
+        raise UserInputError(
+            f"a classification adapter carries a new head: export it merged (drop --split) for --to {to}"
+        )
 
 
-def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, to: str, *, split: bool = False,
-          dtype: Optional[str] = SOURCE, quant: Optional[str] = None, lora_rank: Optional[int] = None, verify: bool = True,
-          overwrite: bool = False, texts: Optional[list[str]] = None, allow_pickle: bool = False, strict: bool = False,
-          on_stage: Optional[Callable[[str], None]] = None) -> dict:
+def merge(
+    model_dir: str | Path,
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    to: str,
+    *,
+    split: bool = False,
+    dtype: Optional[str] = SOURCE,
+    quant: Optional[str] = None,
+    lora_rank: Optional[int] = None,
+    verify: bool = True,
+    overwrite: bool = False,
+    texts: Optional[list[str]] = None,
+    allow_pickle: bool = False,
+    strict: bool = False,
+    on_stage: Optional[Callable[[str], None]] = None,
+) -> dict:
     """Export ``model_dir`` with ``adapter_dir`` to ``out_dir`` as ``to``; verify; return the summary.
 
     ``dtype`` ``"source"`` (or ``None``) keeps the source's dtype for merged safetensors and means float32
@@ -336,17 +292,30 @@ def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, t
     stream, why = None, None
     if to in STREAMED and not split:
         stage("planning the streamed export (no model is built)")
-        stream, why = _stream_plan(model_dir, adapter_dir, quant or dtype, *model_kind(model_dir, adapter_dir),
-                                   allow_pickle, to)
+        stream, why = stream_plan(
+            model_dir, adapter_dir, quant or dtype, *model_kind(model_dir, adapter_dir), allow_pickle, to
+        )
     model = None
     if stream is None:
         stage("loading the model and the adapter")
         model, kind, classes = reference_model(model_dir, adapter_dir, allow_pickle)
     else:
         kind, classes = model_kind(model_dir, adapter_dir)
-    info = {"format": EXPORT_FORMAT, "to": to, "split": split, "dtype": dtype, "dtype_from": dtype_from, "quant": quant,
-            "lora_rank": lora_rank, "kind": kind, "classes": classes, "model": str(model_dir), "adapter": str(adapter_dir),
-            "method": adapter_io.read_config(adapter_dir)["peft_type"].lower(), "psoft_export": __version__}
+    info = {
+        "format": EXPORT_FORMAT,
+        "to": to,
+        "split": split,
+        "dtype": dtype,
+        "dtype_from": dtype_from,
+        "quant": quant,
+        "lora_rank": lora_rank,
+        "kind": kind,
+        "classes": classes,
+        "model": str(model_dir),
+        "adapter": str(adapter_dir),
+        "method": adapter_io.read_config(adapter_dir)["peft_type"].lower(),
+        "psoft_export": __version__,
+    }
     if to in STREAMED and not split:
         info["streamed"] = stream is not None
         if why:
@@ -377,15 +346,25 @@ def merge(model_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, t
                 failed = f"{report.export} export disagrees with the PyTorch model: " + "; ".join(report.lines())
                 kept = None if strict else _keep_unverified(tmp, out_dir)
                 if kept is None:
-                    raise VerificationError(failed + " — nothing was written"
-                                            + ("" if strict else f" ({out_dir}{UNVERIFIED} is in the way)"))
-                raise VerificationError(failed + f" — the export is kept, unverified, in {kept} "
-                                        "(--strict keeps nothing)")
+                    raise VerificationError(
+                        failed
+                        + " — nothing was written"
+                        + ("" if strict else f" ({out_dir}{UNVERIFIED} is in the way)")
+                    )
+                raise VerificationError(
+                    failed + f" — the export is kept, unverified, in {kept} (--strict keeps nothing)"
+                )
             if record is not None:
                 stage("measuring the export against the quantized-base model that was trained")
                 info["quantized_base"]["vs_trained_model"] = trained_model_gap(
-                    tmp, model_dir, adapter_dir, kind, classes, record, texts, allow_pickle)
+                    tmp, model_dir, adapter_dir, kind, classes, record, texts, allow_pickle
+                )
                 (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    return {"output": str(out_dir), **{k: info[k] for k in ("to", "split", "dtype", "dtype_from", "quant", "files")},
-            "streamed": info.get("streamed"), "verification": info.get("verification"),
-            "lora_approximation": info.get("lora_approximation"), "quantized_base": info.get("quantized_base")}
+    return {
+        "output": str(out_dir),
+        **{k: info[k] for k in ("to", "split", "dtype", "dtype_from", "quant", "files")},
+        "streamed": info.get("streamed"),
+        "verification": info.get("verification"),
+        "lora_approximation": info.get("lora_approximation"),
+        "quantized_base": info.get("quantized_base"),
+    }

@@ -37,8 +37,9 @@ def model_kind(model_dir: Path, adapter_dir: Path) -> tuple[str, Optional[list]]
     return ("encoder" if config.model_type in ENCODERS else "causal"), None
 
 
-def load_base(model_dir: Path, kind: str, classes: Optional[list], adapter_dir: Optional[Path] = None,
-              allow_pickle: bool = False) -> nn.Module:
+def load_base(
+    model_dir: Path, kind: str, classes: Optional[list], adapter_dir: Optional[Path] = None, allow_pickle: bool = False
+) -> nn.Module:
     """The float32 base model of ``kind`` (a classifier sized by the adapter's classes or saved head)."""
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging
@@ -47,7 +48,9 @@ def load_base(model_dir: Path, kind: str, classes: Optional[list], adapter_dir: 
     safe = loading_kwargs(model_dir, allow_pickle)
     if kind == "classify":
         labels = len(classes) if classes else adapter_io.saved_labels(adapter_dir)
-        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=labels, dtype=torch.float32, **safe)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=labels, dtype=torch.float32, **safe
+        )
         _name_classes(model, classes)
     elif kind == "encoder":
         model = AutoModel.from_pretrained(model_dir, dtype=torch.float32, **safe)
@@ -76,7 +79,9 @@ def base_skeleton(model_dir: Path, kind: str, classes: Optional[list], adapter_d
     from psoft_export.checkpoint import load_config
 
     load_config(model_dir)  # a damaged config.json is one line
-    extra = {"num_labels": len(classes) if classes else adapter_io.saved_labels(adapter_dir)} if kind == "classify" else {}
+    extra = (
+        {"num_labels": len(classes) if classes else adapter_io.saved_labels(adapter_dir)} if kind == "classify" else {}
+    )
     config = AutoConfig.from_pretrained(model_dir, **extra)
     auto = {"classify": AutoModelForSequenceClassification, "encoder": AutoModel}.get(kind, AutoModelForCausalLM)
     with torch.device("meta"):
@@ -87,7 +92,9 @@ def base_skeleton(model_dir: Path, kind: str, classes: Optional[list], adapter_d
     return model.eval()
 
 
-def reference_model(model_dir: Path, adapter_dir: Path, allow_pickle: bool = False) -> tuple[nn.Module, str, Optional[list]]:
+def reference_model(
+    model_dir: Path, adapter_dir: Path, allow_pickle: bool = False
+) -> tuple[nn.Module, str, Optional[list]]:
     """The base with the adapter (our loader), its kind and classes: what every export is compared with. An adapter
     trained over a quantized base gets that base's dequantized weights (``quantized.dequantize_base``)."""
     kind, classes = model_kind(model_dir, adapter_dir)

@@ -36,8 +36,10 @@ def require_bitsandbytes():
     try:
         import bitsandbytes
     except Exception as exc:  # ImportError, or a broken install raising at import
-        raise UserInputError(f"--quantize needs bitsandbytes ({type(exc).__name__}: {str(exc)[:80]}): "
-                             f"pip install '{REQUIREMENT}' (the quant extra)") from None
+        raise UserInputError(
+            f"--quantize needs bitsandbytes ({type(exc).__name__}: {str(exc)[:80]}): "
+            f"pip install '{REQUIREMENT}' (the quant extra)"
+        ) from None
     return bitsandbytes
 
 
@@ -52,19 +54,26 @@ def quantized_modules(model: nn.Module) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ loading
 
+
 def load_kwargs(quantize: Optional[str], compute_dtype: torch.dtype, device: str, kind: str = "causal") -> dict:
     """The ``from_pretrained`` keyword arguments that load the base quantized (``{}`` when ``quantize`` is None)."""
     if quantize is None:
         return {}
     check_choice(quantize)
     if kind == "classify":  # transformers 4.57 fails to initialize a new head in a 4-bit model (AttributeError)
-        raise UserInputError(f"--quantize {quantize} trains on language-modelling data only: a classifier's new head "
-                             "cannot be initialized in a 4-bit model; train the classifier without --quantize")
+        raise UserInputError(
+            f"--quantize {quantize} trains on language-modelling data only: a classifier's new head "
+            "cannot be initialized in a 4-bit model; train the classifier without --quantize"
+        )
     require_bitsandbytes()
     from transformers import BitsAndBytesConfig
 
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quantize, bnb_4bit_use_double_quant=False,
-                                bnb_4bit_compute_dtype=compute_dtype)
+    config = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantize,
+        bnb_4bit_use_double_quant=False,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
     return {"quantization_config": config, "device_map": {"": device}}
 
 
@@ -94,17 +103,27 @@ def adapter_record(model: nn.Module, quantize: Optional[str]) -> dict:
     adapted = adapter_layers(model)
     found = quantized_modules(model)
     names = [n.removesuffix(".base_layer") for n in found]
-    transposed = [n.removesuffix(".base_layer") for n in found  # GPT-2's Conv1D: quantized as W, stored as W^T
-                  if issubclass(getattr(model.get_submodule(n), "source_cls", nn.Linear), Conv1D)]
+    transposed = [
+        n.removesuffix(".base_layer")
+        for n in found  # GPT-2's Conv1D: quantized as W, stored as W^T
+        if issubclass(getattr(model.get_submodule(n), "source_cls", nn.Linear), Conv1D)
+    ]
     layer = next(iter(adapted.values())).base_layer if adapted else None
     state = getattr(getattr(layer, "weight", None), "quant_state", None)
     bnb = require_bitsandbytes()
-    return {"quantized_base": {
-        "library": "bitsandbytes", "version": bnb.__version__, "quant_type": quantize,
-        "blocksize": int(getattr(state, "blocksize", BLOCKSIZE)), "double_quant": False,
-        "quantized_from": str(getattr(state, "dtype", torch.float32)).removeprefix("torch."),
-        "compute_dtype": str(getattr(layer, "compute_dtype", torch.float32)).removeprefix("torch."),
-        "modules": names, "fan_in_fan_out": transposed}}
+    return {
+        "quantized_base": {
+            "library": "bitsandbytes",
+            "version": bnb.__version__,
+            "quant_type": quantize,
+            "blocksize": int(getattr(state, "blocksize", BLOCKSIZE)),
+            "double_quant": False,
+            "quantized_from": str(getattr(state, "dtype", torch.float32)).removeprefix("torch."),
+            "compute_dtype": str(getattr(layer, "compute_dtype", torch.float32)).removeprefix("torch."),
+            "modules": names,
+            "fan_in_fan_out": transposed,
+        }
+    }
 
 
 def base_nbytes(model: nn.Module) -> int:
@@ -125,6 +144,7 @@ def base_nbytes(model: nn.Module) -> int:
 
 # ------------------------------------------------------------------------------------------ dequantizing
 
+
 def round_trip(weight: torch.Tensor, record: Mapping) -> torch.Tensor:
     """``dequant(quant(W))`` for a float ``(out, in)`` weight under the adapter's ``quantized_base`` record: what
     transformers' loader stored for ``W`` (it quantizes the weight in the dtype the model was loaded in, recorded as
@@ -133,26 +153,39 @@ def round_trip(weight: torch.Tensor, record: Mapping) -> torch.Tensor:
 
     _check_record(record)
     w = weight.detach().to(_dtype(record.get("quantized_from", "float32"))).contiguous()
-    packed, state = F.quantize_4bit(w, blocksize=int(record["blocksize"]), compress_statistics=False,
-                                    quant_type=record["quant_type"], quant_storage=torch.uint8)
+    packed, state = F.quantize_4bit(
+        w,
+        blocksize=int(record["blocksize"]),
+        compress_statistics=False,
+        quant_type=record["quant_type"],
+        quant_storage=torch.uint8,
+    )
     return F.dequantize_4bit(packed, state).to(torch.float32).reshape(w.shape)
 
 
 def _dtype(name: str) -> torch.dtype:
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(str(name))
     if dtype is None:
-        raise UserInputError(f"the adapter's quantized_base record names an unknown dtype {name!r}: "
-                             "re-save the adapter")
+        raise UserInputError(
+            f"the adapter's quantized_base record names an unknown dtype {name!r}: re-save the adapter"
+        )
     return dtype
 
 
 def _check_record(record: Mapping) -> None:
-    ok = (isinstance(record, Mapping) and record.get("library") == "bitsandbytes"
-          and record.get("quant_type") in QUANTIZE_CHOICES and not record.get("double_quant")
-          and isinstance(record.get("blocksize"), int) and isinstance(record.get("modules"), list))
+    ok = (
+        isinstance(record, Mapping)
+        and record.get("library") == "bitsandbytes"
+        and record.get("quant_type") in QUANTIZE_CHOICES
+        and not record.get("double_quant")
+        and isinstance(record.get("blocksize"), int)
+        and isinstance(record.get("modules"), list)
+    )
     if not ok:
-        raise UserInputError("the adapter's quantized_base record is not one psoft-export wrote (bitsandbytes nf4, "
-                             "no double quantization): re-save the adapter (train --resume)")
+        raise UserInputError(
+            "the adapter's quantized_base record is not one psoft-export wrote (bitsandbytes nf4, "
+            "no double quantization): re-save the adapter (train --resume)"
+        )
 
 
 def record_of(meta: Optional[Mapping]) -> Optional[dict]:
@@ -173,8 +206,10 @@ def round_trip_folds(folds: dict[str, Callable], record: Mapping, has_key: Calla
     for name in record["modules"]:
         key = f"{name}.weight"
         if not has_key(key):
-            raise UserInputError(f"the adapter was trained over a quantized {name}, which this model does not have: "
-                                 "pass the base model it was trained on")
+            raise UserInputError(
+                f"the adapter was trained over a quantized {name}, which this model does not have: "
+                "pass the base model it was trained on"
+            )
         inner = folds.get(key)
         if name in record.get("fan_in_fan_out", []):  # the file holds W^T (GPT-2's Conv1D): quantized as W
             dense = lambda w: round_trip(w.T, record).T  # noqa: E731

@@ -55,7 +55,7 @@ def safetensors_errors(export_dir: Path, expected: dict, model_dir: Path) -> dic
         diff, scale = 0.0, 0.0
         got, ref = got.reshape(got.shape[0] if got.dim() else 1, -1), ref.reshape(ref.shape[0] if ref.dim() else 1, -1)
         for i in range(0, got.shape[0] if got.numel() else 0, 1024):  # blocks of rows: no tensor-sized copies
-            a, b = got[i:i + 1024].to(torch.float64), ref[i:i + 1024].to(torch.float64)
+            a, b = got[i : i + 1024].to(torch.float64), ref[i : i + 1024].to(torch.float64)
             diff, scale = max(diff, float((a - b).abs().max())), max(scale, float(b.abs().max()))
         errors[key] = (diff / max(scale, 1e-30) if got.numel() else 0.0, diff)
     return errors

@@ -58,6 +58,7 @@ class Interrupted(PsoftExportError):
 
 # ---------------------------------------------------------------------------------------------- setup
 
+
 @dataclass
 class Run:
     """What the loop works on, built and validated before anything is written."""
@@ -86,8 +87,9 @@ def _precision(precision: str, device: str) -> Optional[torch.dtype]:
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def _load_model(model_dir: Path, kind: str, classes: list, tokenizer, dtype, device: str,
-                safe: dict, quantize: Optional[str] = None) -> tuple[nn.Module, list[str]]:
+def _load_model(
+    model_dir: Path, kind: str, classes: list, tokenizer, dtype, device: str, safe: dict, quantize: Optional[str] = None
+) -> tuple[nn.Module, list[str]]:
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.utils import logging
 
@@ -96,17 +98,20 @@ def _load_model(model_dir: Path, kind: str, classes: list, tokenizer, dtype, dev
     safe = {**safe, **quantized.load_kwargs(quantize, base_dtype, device, kind)}  # QOFT: a 4-bit base (quantized.py)
     if kind != "classify" and config.model_type in ENCODERS:
         raise UserInputError(
-            f"{model_dir} is an encoder ({config.model_type}): train it on {{\"text\", \"label\"}} data "
-            "(sequence classification), not language-modelling text")
+            f'{model_dir} is an encoder ({config.model_type}): train it on {{"text", "label"}} data '
+            "(sequence classification), not language-modelling text"
+        )
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # "newly initialized ...": judged below, with a message that says what to do
     try:
         if kind == "classify":
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                model_dir, num_labels=len(classes), dtype=base_dtype, output_loading_info=True, **safe)
+                model_dir, num_labels=len(classes), dtype=base_dtype, output_loading_info=True, **safe
+            )
         else:
-            model, info = AutoModelForCausalLM.from_pretrained(model_dir, dtype=base_dtype, output_loading_info=True,
-                                                               **safe)
+            model, info = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=base_dtype, output_loading_info=True, **safe
+            )
     finally:
         logging.set_verbosity(verbosity)
     if kind == "classify":
@@ -121,7 +126,8 @@ def _load_model(model_dir: Path, kind: str, classes: list, tokenizer, dtype, dev
             raise UserInputError(
                 f"{model_dir} ({arch}) has no {info['missing_keys'][0]}: language-model training would start from a "
                 "random output layer; use the checkpoint with its LM head (...ForCausalLM), or train a classifier "
-                "on {\"text\", \"label\"} data")
+                'on {"text", "label"} data'
+            )
         heads = []
     for head in heads:
         model.get_submodule(head).float()
@@ -131,9 +137,16 @@ def _load_model(model_dir: Path, kind: str, classes: list, tokenizer, dtype, dev
     return model.to(device), heads
 
 
-def prepare(model_dir: str | Path, data: str | Path, cfg: TrainConfig, decomposition: Optional[str | Path] = None,
-            eval_data: Optional[str | Path] = None, decompose_into: Optional[Path] = None,
-            allow_pickle: bool = False, world: distributed.World = distributed.ONE_PROCESS) -> Run:
+def prepare(
+    model_dir: str | Path,
+    data: str | Path,
+    cfg: TrainConfig,
+    decomposition: Optional[str | Path] = None,
+    eval_data: Optional[str | Path] = None,
+    decompose_into: Optional[Path] = None,
+    allow_pickle: bool = False,
+    world: distributed.World = distributed.ONE_PROCESS,
+) -> Run:
     """Validate every input and build the adapted model; raises :class:`UserInputError` before any output.
 
     PSOFT without ``decomposition`` decomposes the model into ``decompose_into`` (the same code as the
@@ -144,16 +157,25 @@ def prepare(model_dir: str | Path, data: str | Path, cfg: TrainConfig, decomposi
     model_dir = Path(model_dir)
     safe = loading_kwargs(model_dir, allow_pickle)  # validates the weights before any work
     if cfg.method == "psoft" and not safe["use_safetensors"]:
-        raise UserInputError(f"{model_dir} holds pickled weights only: PSOFT's decomposition reads and hashes "
-                             "safetensors; convert the weights to model.safetensors, or train --method oft")
+        raise UserInputError(
+            f"{model_dir} holds pickled weights only: PSOFT's decomposition reads and hashes "
+            "safetensors; convert the weights to model.safetensors, or train --method oft"
+        )
     kind, records = data_mod.read_jsonl(data)
     eval_records = data_mod.read_jsonl(eval_data) if eval_data else None
     if eval_records and eval_records[0] != kind:
         raise UserInputError(f"--eval-data is {eval_records[0]} data but --data is {kind} data: use the same kind")
     if cfg.method == "psoft" and decomposition is None and decompose_into is not None:
         cfg = cfg.resolved()
-        decomposition = decompose(model_dir, decompose_into, cfg.rank, targets=parse_targets(cfg.targets),
-                                  svd=cfg.svd, alpha=cfg.alpha, seed=cfg.seed).path
+        decomposition = decompose(
+            model_dir,
+            decompose_into,
+            cfg.rank,
+            targets=parse_targets(cfg.targets),
+            svd=cfg.svd,
+            alpha=cfg.alpha,
+            seed=cfg.seed,
+        ).path
     decomp = None
     if decomposition is not None:
         if cfg.method != "psoft":
@@ -174,7 +196,12 @@ def prepare(model_dir: str | Path, data: str | Path, cfg: TrainConfig, decomposi
     eval_set = data_mod.tokenize(eval_records[1], kind, tokenizer, cfg.seq_len, classes) if eval_records else None
     torch.manual_seed(cfg.seed)  # new heads are initialized from this seed
     model, heads = _load_model(model_dir, kind, classes, tokenizer, dtype, device, safe, cfg.quantize)
-    inject(model, method_cfg, _targets(model, cfg, decomp, heads), decomp.factors_for(model, device) if decomp is not None else None)
+    inject(
+        model,
+        method_cfg,
+        _targets(model, cfg, decomp, heads),
+        decomp.factors_for(model, device) if decomp is not None else None,
+    )
     for head in heads:
         model.get_submodule(head).requires_grad_(True)
     if cfg.grad_checkpointing:
@@ -182,10 +209,14 @@ def prepare(model_dir: str | Path, data: str | Path, cfg: TrainConfig, decomposi
         model.enable_input_require_grads()
     per_epoch = math.ceil(len(train_set) / cfg.batch_size / cfg.grad_accum / world.size)
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * per_epoch))
-    identity = {"data": file_sha256(Path(data)), "eval_data": file_sha256(Path(eval_data)) if eval_data else None,
-                # (pickled checkpoints, read with --allow-pickle, are not hashed: ModelSource reads safetensors only)
-                "base_weights": None if decomp is not None or not safe["use_safetensors"] else weights_identity(
-                    model_dir, list(adapter_layers(model)), getattr(model, "base_model_prefix", ""))}
+    identity = {
+        "data": file_sha256(Path(data)),
+        "eval_data": file_sha256(Path(eval_data)) if eval_data else None,
+        # (pickled checkpoints, read with --allow-pickle, are not hashed: ModelSource reads safetensors only)
+        "base_weights": None
+        if decomp is not None or not safe["use_safetensors"]
+        else weights_identity(model_dir, list(adapter_layers(model)), getattr(model, "base_model_prefix", "")),
+    }
     return Run(cfg, model, tokenizer, train_set, eval_set, device, dtype, heads, total, decomp, identity, world)
 
 
@@ -194,19 +225,24 @@ def _check_positions(model_dir: Path, seq_len: int) -> None:
     config = load_config(model_dir)
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if isinstance(limit, int) and seq_len > limit:
-        raise UserInputError(f"--seq-len {seq_len} exceeds the {limit} positions of {model_dir}: use --seq-len {limit} "
-                             "or less")
+        raise UserInputError(
+            f"--seq-len {seq_len} exceeds the {limit} positions of {model_dir}: use --seq-len {limit} or less"
+        )
 
 
 def _with_decomposition(cfg: TrainConfig, decomp: Decomposition) -> TrainConfig:
     """Rank, alpha and init come from the decomposition; a value the user gave that differs is refused."""
     m = decomp.manifest
     if cfg.rank is not None and cfg.rank != m["rank"]:
-        raise UserInputError(f"--rank {cfg.rank} was given but decomposition {decomp.path} has rank {m['rank']}: "
-                             "drop --rank (the decomposition's rank is used) or re-run decompose with that rank")
+        raise UserInputError(
+            f"--rank {cfg.rank} was given but decomposition {decomp.path} has rank {m['rank']}: "
+            "drop --rank (the decomposition's rank is used) or re-run decompose with that rank"
+        )
     if cfg.alpha is not None and float(cfg.alpha) != float(m["alpha"]):
-        raise UserInputError(f"--alpha {cfg.alpha:g} was given but decomposition {decomp.path} was built with alpha "
-                             f"{float(m['alpha']):g}: drop --alpha or re-run decompose --alpha {cfg.alpha:g}")
+        raise UserInputError(
+            f"--alpha {cfg.alpha:g} was given but decomposition {decomp.path} was built with alpha "
+            f"{float(m['alpha']):g}: drop --alpha or re-run decompose --alpha {cfg.alpha:g}"
+        )
     return cfg.resolved(rank=m["rank"], alpha=float(m["alpha"]), init=m.get("init", "psoft"))
 
 
@@ -223,6 +259,7 @@ def _targets(model: nn.Module, cfg: TrainConfig, decomp: Optional[Decomposition]
 
 # ---------------------------------------------------------------------------------------------- checkpoints
 
+
 def _checkpoint_paths(out_dir: Path) -> list[Path]:
     return sorted((out_dir / CHECKPOINTS).glob("step-*.pt"))
 
@@ -235,10 +272,18 @@ def save_checkpoint(out_dir: Path, run: Run, optimizer, step: int, history: list
     if not run.world.is_main:
         return path
     trainable = {n: p.detach().cpu() for n, p in run.model.named_parameters() if p.requires_grad}
-    state = {"step": step, "trainable": trainable, "optimizer": optimizer.state_dict(), "history": history,
-             "rng": torch.get_rng_state(), "config": asdict(run.cfg), "identity": run.identity,
-             "cuda_rng": torch.cuda.get_rng_state() if run.device == "cuda" else None,
-             "world_size": run.world.size, "global_batch": run.cfg.batch_size * run.cfg.grad_accum * run.world.size}
+    state = {
+        "step": step,
+        "trainable": trainable,
+        "optimizer": optimizer.state_dict(),
+        "history": history,
+        "rng": torch.get_rng_state(),
+        "config": asdict(run.cfg),
+        "identity": run.identity,
+        "cuda_rng": torch.cuda.get_rng_state() if run.device == "cuda" else None,
+        "world_size": run.world.size,
+        "global_batch": run.cfg.batch_size * run.cfg.grad_accum * run.world.size,
+    }
     folder.mkdir(parents=True, exist_ok=True)
     buffer = io.BytesIO()  # serialized first (adapter-sized): torch.save's own writer hides ENOSPC's errno
     torch.save(state, buffer)
@@ -248,8 +293,10 @@ def save_checkpoint(out_dir: Path, run: Run, optimizer, step: int, history: list
         reason = storage_failure(exc)
         if reason is None:
             raise
-        raise UserInputError(f"cannot write checkpoint {path}: {reason}; earlier checkpoints are kept: free space "
-                             "and continue with --resume") from None
+        raise UserInputError(
+            f"cannot write checkpoint {path}: {reason}; earlier checkpoints are kept: free space "
+            "and continue with --resume"
+        ) from None
     for old in _checkpoint_paths(out_dir)[:-KEEP_CHECKPOINTS]:
         old.unlink(missing_ok=True)
     return path
@@ -264,15 +311,21 @@ def load_checkpoint(out_dir: Path, cfg: TrainConfig) -> dict:
         stored = TrainConfig(**state["config"])
     except Exception as exc:  # truncated or damaged file: torch/pickle raise many types
         earlier = f" (the one before it, {paths[-2].name}, is kept)" if len(paths) > 1 else ""
-        raise UserInputError(f"--resume: checkpoint {paths[-1]} is damaged ({type(exc).__name__}): move it away to "
-                             f"resume from the previous checkpoint{earlier}, or start again") from None
+        raise UserInputError(
+            f"--resume: checkpoint {paths[-1]} is damaged ({type(exc).__name__}): move it away to "
+            f"resume from the previous checkpoint{earlier}, or start again"
+        ) from None
     ignore = {"save_every", "eval_every", "log_every", "device", "grad_checkpointing"}
     if stored.global_batch_size is not None and stored.global_batch_size == cfg.global_batch_size:
         ignore |= {"batch_size", "grad_accum"}  # another split of the same global batch: distributed.check_resume
-    changed = [f.name for f in fields(TrainConfig) if f.name not in ignore and getattr(stored, f.name) != getattr(cfg, f.name)]
+    changed = [
+        f.name for f in fields(TrainConfig) if f.name not in ignore and getattr(stored, f.name) != getattr(cfg, f.name)
+    ]
     if changed:
-        raise UserInputError(f"--resume: {', '.join('--' + c.replace('_', '-') for c in changed)} differ from the "
-                             "interrupted run: resume with the same options")
+        raise UserInputError(
+            f"--resume: {', '.join('--' + c.replace('_', '-') for c in changed)} differ from the "
+            "interrupted run: resume with the same options"
+        )
     return state
 
 
@@ -282,14 +335,19 @@ def _check_identity(run: Run, stored: Optional[dict]) -> None:
         return
     for name, flag in (("data", "--data"), ("eval_data", "--eval-data")):
         if stored.get(name) != run.identity.get(name):
-            raise UserInputError(f"--resume: {flag} is not the file the interrupted run trained on (its sha256 "
-                                 "differs): resume with the same data, or start a new run")
+            raise UserInputError(
+                f"--resume: {flag} is not the file the interrupted run trained on (its sha256 "
+                "differs): resume with the same data, or start a new run"
+            )
     if stored.get("base_weights") and stored["base_weights"] != run.identity.get("base_weights"):
-        raise UserInputError("--resume: the model's targeted weights differ from the interrupted run's: resume with "
-                             "the same base model, or start a new run")
+        raise UserInputError(
+            "--resume: the model's targeted weights differ from the interrupted run's: resume with "
+            "the same base model, or start a new run"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- the loop
+
 
 class _Signals:
     """SIGINT/SIGTERM set a flag; the loop checkpoints at the end of the step and exits 130/143."""
@@ -363,16 +421,28 @@ def _pure_rotation(layer) -> torch.Tensor:
 def _diverged(value: float, step: int, last_good: Optional[Path], out_dir: Path) -> str:
     """Advice that works: ``--resume`` only when a checkpoint exists to resume from."""
     if last_good is not None:
-        return (f"loss became {value} at step {step + 1}; last good checkpoint {last_good}: lower --lr (or use "
-                "--cayley exact) and continue with --resume")
-    reuse = (f" (reuse the subspace: --decomposition {out_dir / adapter_io.DECOMPOSITION_DIR})"
-             if (out_dir / adapter_io.DECOMPOSITION_DIR).is_dir() else "")
-    return (f"loss became {value} at step {step + 1}, before any checkpoint: start again with a lower --lr "
-            f"(or --cayley exact) and another -o{reuse}")
+        return (
+            f"loss became {value} at step {step + 1}; last good checkpoint {last_good}: lower --lr (or use "
+            "--cayley exact) and continue with --resume"
+        )
+    reuse = (
+        f" (reuse the subspace: --decomposition {out_dir / adapter_io.DECOMPOSITION_DIR})"
+        if (out_dir / adapter_io.DECOMPOSITION_DIR).is_dir()
+        else ""
+    )
+    return (
+        f"loss became {value} at step {step + 1}, before any checkpoint: start again with a lower --lr "
+        f"(or --cayley exact) and another -o{reuse}"
+    )
 
 
-def train_loop(run: Run, out_dir: Path, resume: bool = False, progress: Optional[Callable] = None,
-               on_log: Optional[Callable[[dict], None]] = None) -> dict:
+def train_loop(
+    run: Run,
+    out_dir: Path,
+    resume: bool = False,
+    progress: Optional[Callable] = None,
+    on_log: Optional[Callable[[dict], None]] = None,
+) -> dict:
     """Run the optimisation, checkpointing into ``out_dir/checkpoints``; return the summary."""
     cfg, model = run.cfg, run.model
     params = [p for p in model.parameters() if p.requires_grad]
@@ -426,8 +496,14 @@ def train_loop(run: Run, out_dir: Path, resume: bool = False, progress: Optional
             (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             seconds = time.perf_counter() - t0
-            record = {"step": step + 1, "loss": loss_sum, "lr": optimizer.param_groups[0]["lr"],
-                      "grad_norm": grad_norm, "tokens_per_s": tokens / seconds, "seconds": seconds}
+            record = {
+                "step": step + 1,
+                "loss": loss_sum,
+                "lr": optimizer.param_groups[0]["lr"],
+                "grad_norm": grad_norm,
+                "tokens_per_s": tokens / seconds,
+                "seconds": seconds,
+            }
             done = step + 1 == run.total_steps
             if run.eval_set is not None and ((cfg.eval_every and (step + 1) % cfg.eval_every == 0) or done):
                 record["eval_loss"] = evaluate(run, run.eval_set)
@@ -443,8 +519,9 @@ def train_loop(run: Run, out_dir: Path, resume: bool = False, progress: Optional
                 last_good = save_checkpoint(out_dir, run, optimizer, step + 1, history)
             if received:
                 code = 130 if received == signal.SIGINT else 143
-                raise Interrupted(f"interrupted at step {step + 1}; checkpoint {last_good} written: "
-                                  "continue with --resume", code)
+                raise Interrupted(
+                    f"interrupted at step {step + 1}; checkpoint {last_good} written: continue with --resume", code
+                )
     if last_good is None or not last_good.name.endswith(f"{run.total_steps:07d}.pt"):
         save_checkpoint(out_dir, run, optimizer, run.total_steps, history)  # nothing trained is lost to a later failure
     return {"steps": run.total_steps, "history": history}
@@ -452,10 +529,21 @@ def train_loop(run: Run, out_dir: Path, resume: bool = False, progress: Optional
 
 # ---------------------------------------------------------------------------------------------- the verb
 
-def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: TrainConfig, *,
-          decomposition: Optional[str | Path] = None, eval_data: Optional[str | Path] = None,
-          resume: bool = False, overwrite: bool = False, progress: Optional[Callable] = None,
-          on_log: Optional[Callable[[dict], None]] = None, allow_pickle: bool = False) -> dict:
+
+def train(
+    model_dir: str | Path,
+    data: str | Path,
+    out_dir: str | Path,
+    cfg: TrainConfig,
+    *,
+    decomposition: Optional[str | Path] = None,
+    eval_data: Optional[str | Path] = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: Optional[Callable] = None,
+    on_log: Optional[Callable[[dict], None]] = None,
+    allow_pickle: bool = False,
+) -> dict:
     """Train an adapter of ``model_dir`` on ``data`` and write the adapter directory ``out_dir``.
 
     The adapter's subspace lives in ``out_dir/decomposition``: a copy of ``decomposition`` or computed here.
@@ -470,14 +558,35 @@ def train(model_dir: str | Path, data: str | Path, out_dir: str | Path, cfg: Tra
         if not world.is_main:
             return _train_replica(model_dir, data, out_dir, cfg, decomposition, eval_data, resume, allow_pickle, world)
         with output_lock(out_dir):
-            summary = _train_locked(model_dir, data, out_dir, cfg, decomposition, eval_data, resume, overwrite,
-                                    progress, on_log, allow_pickle, world)
+            summary = _train_locked(
+                model_dir,
+                data,
+                out_dir,
+                cfg,
+                decomposition,
+                eval_data,
+                resume,
+                overwrite,
+                progress,
+                on_log,
+                allow_pickle,
+                world,
+            )
         distributed.meet(world, "done")
         return summary
 
 
-def _train_replica(model_dir, data, out_dir: Path, cfg: TrainConfig, decomposition, eval_data, resume: bool,
-                   allow_pickle: bool, world: distributed.World) -> None:
+def _train_replica(
+    model_dir,
+    data,
+    out_dir: Path,
+    cfg: TrainConfig,
+    decomposition,
+    eval_data,
+    resume: bool,
+    allow_pickle: bool,
+    world: distributed.World,
+) -> None:
     """A rank other than 0: trains its share and writes nothing; it reads the subspace (and, resuming, the
     checkpoint) that rank 0 wrote into ``out_dir``, which therefore lies on a filesystem every node shares."""
     stored = out_dir / adapter_io.DECOMPOSITION_DIR
@@ -487,32 +596,67 @@ def _train_replica(model_dir, data, out_dir: Path, cfg: TrainConfig, decompositi
     needed = ([out_dir] if resume else []) + ([stored] if cfg.method == "psoft" and subspace == stored else [])
     for path in needed:
         if not path.is_dir():
-            raise UserInputError(f"rank {world.rank}: {path}, written by rank 0, is not visible here: -o must be "
-                                 "on a filesystem every node shares")
-    run = prepare(model_dir, data, cfg, subspace if cfg.method == "psoft" else None, eval_data,
-                  allow_pickle=allow_pickle, world=world)
+            raise UserInputError(
+                f"rank {world.rank}: {path}, written by rank 0, is not visible here: -o must be "
+                "on a filesystem every node shares"
+            )
+    run = prepare(
+        model_dir,
+        data,
+        cfg,
+        subspace if cfg.method == "psoft" else None,
+        eval_data,
+        allow_pickle=allow_pickle,
+        world=world,
+    )
     distributed.meet(world, "setup")
     train_loop(run, out_dir, resume)
     distributed.meet(world, "done")
 
 
-def _train_locked(model_dir, data, out_dir: Path, cfg: TrainConfig, decomposition, eval_data, resume: bool,
-                  overwrite: bool, progress, on_log, allow_pickle: bool,
-                  world: distributed.World = distributed.ONE_PROCESS) -> dict:
+def _train_locked(
+    model_dir,
+    data,
+    out_dir: Path,
+    cfg: TrainConfig,
+    decomposition,
+    eval_data,
+    resume: bool,
+    overwrite: bool,
+    progress,
+    on_log,
+    allow_pickle: bool,
+    world: distributed.World = distributed.ONE_PROCESS,
+) -> dict:
     stored = out_dir / adapter_io.DECOMPOSITION_DIR
     inputs = [model_dir, data, eval_data, decomposition]
     if resume:
         if not out_dir.is_dir():
             raise UserInputError(f"--resume: {out_dir} does not exist: start without --resume")
         check_overlap(out_dir, [i for i in inputs if i is not decomposition])
-        run = prepare(model_dir, data, cfg, stored if cfg.method == "psoft" else None, eval_data,
-                      allow_pickle=allow_pickle, world=world)
+        run = prepare(
+            model_dir,
+            data,
+            cfg,
+            stored if cfg.method == "psoft" else None,
+            eval_data,
+            allow_pickle=allow_pickle,
+            world=world,
+        )
     else:
         check_output_dir(out_dir, overwrite, inputs)
         staging = out_dir.with_name(f".{out_dir.name}.decomposition-{os.getpid()}")
         try:
-            run = prepare(model_dir, data, cfg, decomposition, eval_data, decompose_into=staging,
-                          allow_pickle=allow_pickle, world=world)
+            run = prepare(
+                model_dir,
+                data,
+                cfg,
+                decomposition,
+                eval_data,
+                decompose_into=staging,
+                allow_pickle=allow_pickle,
+                world=world,
+            )
             if out_dir.exists():
                 shutil.rmtree(out_dir)  # check_output_dir made sure it is ours (marker) and no input
             out_dir.mkdir(parents=True)
@@ -524,12 +668,20 @@ def _train_locked(model_dir, data, out_dir: Path, cfg: TrainConfig, decompositio
     distributed.meet(world, "setup")  # the other ranks read out_dir from here on
     history = train_loop(run, out_dir, resume, progress, on_log)["history"]
     peft_form = save_trained(run, out_dir, model_dir, history)
-    return {"output": str(out_dir), "steps": run.total_steps, "first_loss": history[0]["loss"],
-            "final_loss": history[-1]["loss"], "eval_loss": history[-1].get("eval_loss"),
-            "trainable_parameters": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
-            "seconds": sum(h["seconds"] for h in history), "device": run.device, "peft_form": peft_form,
-            "ranks": world.size, "global_batch": run.cfg.batch_size * run.cfg.grad_accum * world.size,
-            "config": {"rank": run.cfg.rank if run.cfg.method == "psoft" else None, "lr": run.cfg.lr}}
+    return {
+        "output": str(out_dir),
+        "steps": run.total_steps,
+        "first_loss": history[0]["loss"],
+        "final_loss": history[-1]["loss"],
+        "eval_loss": history[-1].get("eval_loss"),
+        "trainable_parameters": sum(p.numel() for p in run.model.parameters() if p.requires_grad),
+        "seconds": sum(h["seconds"] for h in history),
+        "device": run.device,
+        "peft_form": peft_form,
+        "ranks": world.size,
+        "global_batch": run.cfg.batch_size * run.cfg.grad_accum * world.size,
+        "config": {"rank": run.cfg.rank if run.cfg.method == "psoft" else None, "lr": run.cfg.lr},
+    }
 
 
 class SaveFailed(PsoftExportError):
@@ -542,18 +694,35 @@ def save_trained(run: Run, out_dir: Path, model_dir: str | Path, history: list[d
     cfg = run.cfg
     try:
         _write_log(out_dir, history)
-        extra = {"train": {**asdict(cfg), "steps": run.total_steps, "final_loss": history[-1]["loss"],
-                           "eval_loss": history[-1].get("eval_loss"), "data_sha256": run.identity.get("data")},
-                 "base_weights": run.identity.get("base_weights"), **quantized.adapter_record(run.model, cfg.quantize)}
-        report = adapter_io.save_adapter(out_dir, run.model, cfg.method_config(), base_model=_base_model_id(model_dir),
-                                         task=run.train_set.kind, classes=run.train_set.labels or None,
-                                         heads=run.heads, extra=extra)
+        extra = {
+            "train": {
+                **asdict(cfg),
+                "steps": run.total_steps,
+                "final_loss": history[-1]["loss"],
+                "eval_loss": history[-1].get("eval_loss"),
+                "data_sha256": run.identity.get("data"),
+            },
+            "base_weights": run.identity.get("base_weights"),
+            **quantized.adapter_record(run.model, cfg.quantize),
+        }
+        report = adapter_io.save_adapter(
+            out_dir,
+            run.model,
+            cfg.method_config(),
+            base_model=_base_model_id(model_dir),
+            task=run.train_set.kind,
+            classes=run.train_set.labels or None,
+            heads=run.heads,
+            extra=extra,
+        )
     except Exception as exc:
         reason = storage_failure(exc) or (str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         checkpoint = next(reversed(_checkpoint_paths(out_dir)), None)
-        error = SaveFailed(f"training finished ({run.total_steps} steps) but writing the adapter failed: {reason}; "
-                           f"the trained state is kept in {checkpoint}: fix the cause and run the same command with "
-                           "--resume to write the adapter without retraining")
+        error = SaveFailed(
+            f"training finished ({run.total_steps} steps) but writing the adapter failed: {reason}; "
+            f"the trained state is kept in {checkpoint}: fix the cause and run the same command with "
+            "--resume to write the adapter without retraining"
+        )
         error.exit_code = 2 if storage_failure(exc) or isinstance(exc, UserInputError) else 1
         raise error from exc
     try:

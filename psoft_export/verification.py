@@ -42,24 +42,36 @@ EXPORT_FORMAT = "psoft-export/export/1"
 # Relative error bars per (format, dtype) against the float32 PyTorch model with the adapter: the split exports and
 # ONNX (float32 only), whose reference is that model itself.
 TOLERANCES = {
-    ("safetensors", "float32"): 1e-4, ("safetensors", "float16"): 1e-2, ("safetensors", "bfloat16"): 6e-2,
+    ("safetensors", "float32"): 1e-4,
+    ("safetensors", "float16"): 1e-2,
+    ("safetensors", "bfloat16"): 6e-2,
     ("onnx", "float32"): 1e-4,
-    ("gguf", "float32"): 2e-3, ("gguf", "float16"): 2e-3, ("gguf", "q8_0"): 3e-2,  # measured 4e-7 / 7e-4 / 1.7e-2
+    ("gguf", "float32"): 2e-3,
+    ("gguf", "float16"): 2e-3,
+    ("gguf", "q8_0"): 3e-2,  # measured 4e-7 / 7e-4 / 1.7e-2
 }
 # Merged safetensors and GGUF: bars against the rounded reference (see the module docstring). transformers runs the
 # export's own (widened) weights through the same float32 code as the reference: 1e-5 (measured 0). llama.cpp rounds
 # the activations to the weights' type before each product (F16, Q8_0), which no weight rounding reproduces: its bars
 # stay those of TOLERANCES (measured against the rounded reference on the Llama fixture: f32 3.7e-7, f16 2.4e-4).
 ROUNDED_TOLERANCES = {
-    ("safetensors", "float32"): 1e-5, ("safetensors", "float16"): 1e-5, ("safetensors", "bfloat16"): 1e-5,
-    ("gguf", "float32"): 2e-3, ("gguf", "float16"): 2e-3, ("gguf", "q8_0"): 3e-2,
+    ("safetensors", "float32"): 1e-5,
+    ("safetensors", "float16"): 1e-5,
+    ("safetensors", "bfloat16"): 1e-5,
+    ("gguf", "float32"): 2e-3,
+    ("gguf", "float16"): 2e-3,
+    ("gguf", "q8_0"): 3e-2,
 }
 WEIGHTS_TOLERANCE = 1e-6  # every tensor of a merged export against the rounded merged reference (measured 0)
 # Loose bounds on the precision loss of a merged export against the float32 model with the adapter: reported always,
 # a failure only beyond these. float32 keeps its tight bar (there the loss is the fold's own arithmetic).
 PRECISION_BOUNDS = {
-    ("safetensors", "float32"): 1e-4, ("safetensors", "float16"): 5e-2, ("safetensors", "bfloat16"): 2e-1,
-    ("gguf", "float32"): 2e-3, ("gguf", "float16"): 5e-2, ("gguf", "q8_0"): 2e-1,
+    ("safetensors", "float32"): 1e-4,
+    ("safetensors", "float16"): 5e-2,
+    ("safetensors", "bfloat16"): 2e-1,
+    ("gguf", "float32"): 2e-3,
+    ("gguf", "float16"): 5e-2,
+    ("gguf", "q8_0"): 2e-1,
 }
 
 
@@ -99,8 +111,14 @@ class Report:
         diff = np.abs(got - ref)
         rel = float(diff.max() / max(float(np.abs(ref).max()), 1e-30))
         top1 = float((got.argmax(-1) == ref.argmax(-1)).mean()) if logits else None
-        self.precision = {"against": FLOAT32_REFERENCE, "max_abs_err": float(diff.max()),
-                          "mean_abs_err": float(diff.mean()), "rel_err": rel, "top1_agreement": top1, "bound": bound}
+        self.precision = {
+            "against": FLOAT32_REFERENCE,
+            "max_abs_err": float(diff.max()),
+            "mean_abs_err": float(diff.mean()),
+            "rel_err": rel,
+            "top1_agreement": top1,
+            "bound": bound,
+        }
 
     def to_dict(self, ok: bool = True) -> dict:
         out = {"export": self.export, "tolerance": self.tolerance, "reference": self.reference, "outputs": self.outputs}
@@ -114,8 +132,9 @@ class Report:
 
 def report_ok(report: dict) -> bool:
     precision = report.get("precision")
-    return (all(o["rel_err"] <= o.get("tolerance", report["tolerance"]) for o in report["outputs"].values())
-            and (precision is None or precision["rel_err"] <= precision["bound"]))
+    return all(o["rel_err"] <= o.get("tolerance", report["tolerance"]) for o in report["outputs"].values()) and (
+        precision is None or precision["rel_err"] <= precision["bound"]
+    )
 
 
 def report_lines(report: dict) -> list[str]:
@@ -123,18 +142,23 @@ def report_lines(report: dict) -> list[str]:
     lines = []
     for name, o in report["outputs"].items():
         tol = o.get("tolerance", report["tolerance"])
-        lines.append(f"{name}: max abs err {o['max_abs_err']:.3e}, rel err {o['rel_err']:.3e} "
-                     f"(tolerance {tol:.0e}) {'ok' if o['rel_err'] <= tol else 'FAIL'}")
+        lines.append(
+            f"{name}: max abs err {o['max_abs_err']:.3e}, rel err {o['rel_err']:.3e} "
+            f"(tolerance {tol:.0e}) {'ok' if o['rel_err'] <= tol else 'FAIL'}"
+        )
     p = report.get("precision")
     if p is not None:
         top1 = "" if p["top1_agreement"] is None else f", top-1 agreement {100 * p['top1_agreement']:.1f}%"
-        lines.append(f"precision vs the float32 model: max abs err {p['max_abs_err']:.3e}, mean abs err "
-                     f"{p['mean_abs_err']:.3e}, rel err {p['rel_err']:.3e}{top1} (bound {p['bound']:.0e}) "
-                     + ("info" if p["rel_err"] <= p["bound"] else "FAIL"))
+        lines.append(
+            f"precision vs the float32 model: max abs err {p['max_abs_err']:.3e}, mean abs err "
+            f"{p['mean_abs_err']:.3e}, rel err {p['rel_err']:.3e}{top1} (bound {p['bound']:.0e}) "
+            + ("info" if p["rel_err"] <= p["bound"] else "FAIL")
+        )
     return lines
 
 
 # ------------------------------------------------------------------------------------------ the reference
+
 
 def read_inputs(path: Optional[str | Path]) -> Optional[list[str]]:
     """``--inputs FILE``: a JSONL of ``{"text": ...}`` (or a plain text file, one input per line)."""
@@ -142,20 +166,21 @@ def read_inputs(path: Optional[str | Path]) -> Optional[list[str]]:
         return None
     path = Path(path)
     if not path.is_file():
-        raise UserInputError(f"--inputs {path} does not exist: pass a JSONL file of {{\"text\": ...}} lines")
+        raise UserInputError(f'--inputs {path} does not exist: pass a JSONL file of {{"text": ...}} lines')
     texts = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if line.strip():
             try:
                 texts.append(json.loads(line)["text"] if line.lstrip().startswith("{") else line)
             except (ValueError, KeyError, TypeError):
-                raise UserInputError(f"{path}:{number}: expected {{\"text\": ...}}") from None
+                raise UserInputError(f'{path}:{number}: expected {{"text": ...}}') from None
     if not texts:
         raise UserInputError(f"--inputs {path} is empty: add lines of text")
     return texts
 
 
 # ------------------------------------------------------------------------------------------ runtimes
+
 
 def _run_safetensors(export_dir: Path, info: dict, inputs, kind: str, model_dir: Path) -> dict[str, np.ndarray]:
     if not info["split"]:
@@ -187,7 +212,7 @@ def apply_lora_dir(model: nn.Module, lora_dir: Path) -> None:
     with torch.no_grad():
         for key, A in tensors.items():
             if key.endswith(".lora_A.weight"):
-                module = key[len(adapter_io.PREFIX):-len(".lora_A.weight")]
+                module = key[len(adapter_io.PREFIX) : -len(".lora_A.weight")]
                 B = tensors[key.replace(".lora_A.", ".lora_B.")]
                 W = weight_out_in(model.get_submodule(module))
                 W.add_((scale * B.double() @ A.double()).to(W.dtype))
@@ -232,8 +257,15 @@ def read_export(export_dir: Path) -> dict:
 Reference = Union[nn.Module, Callable[[], nn.Module]]
 
 
-def verify_export(export_dir: Path, info: dict, model_dir: Path, reference: Reference, kind: str,
-                  texts: Optional[list[str]] = None, compare_to: Optional[nn.Module] = None) -> Report:
+def verify_export(
+    export_dir: Path,
+    info: dict,
+    model_dir: Path,
+    reference: Reference,
+    kind: str,
+    texts: Optional[list[str]] = None,
+    compare_to: Optional[nn.Module] = None,
+) -> Report:
     """Run ``export_dir`` in its runtime and compare with ``reference``, the float32 model with the adapter (LoRA
     files: with ``compare_to``, the rank-K approximation a ``--lora-rank`` export holds, when given).
 
@@ -257,8 +289,12 @@ def verify_export(export_dir: Path, info: dict, model_dir: Path, reference: Refe
         got = RUNTIMES[info["to"]](Path(export_dir), info, inputs, kind, model_dir)[""]
         report.add(name, masked(got, mask, kind), masked(expected_out, mask, kind))
         _add_weights(report, weights)
-        report.add_precision(masked(got, mask, kind), masked(exact, mask, kind),
-                             PRECISION_BOUNDS[(info["to"], dtype)], logits=kind != "encoder")
+        report.add_precision(
+            masked(got, mask, kind),
+            masked(exact, mask, kind),
+            PRECISION_BOUNDS[(info["to"], dtype)],
+            logits=kind != "encoder",
+        )
         return report
     approx = torch_outputs(compare_to, inputs, kind) if compare_to is not None else exact
     got = RUNTIMES[info["to"]](Path(export_dir), info, inputs, kind, model_dir)
@@ -274,14 +310,21 @@ def _add_weights(report: Report, errors: dict[str, tuple[float, float]]) -> None
     damaged embedding row they never use; this comparison is exhaustive and cheap. Recorded as output ``weights``:
     the worst per-tensor ``max |diff| / max |ref|`` (and which tensor), against :data:`WEIGHTS_TOLERANCE`."""
     worst = max(errors, key=lambda k: errors[k][0])
-    report.outputs["weights"] = {"max_abs_err": errors[worst][1], "rel_err": errors[worst][0], "worst": worst,
-                                 "tensors": len(errors), "tolerance": WEIGHTS_TOLERANCE}
+    report.outputs["weights"] = {
+        "max_abs_err": errors[worst][1],
+        "rel_err": errors[worst][0],
+        "worst": worst,
+        "tensors": len(errors),
+        "tolerance": WEIGHTS_TOLERANCE,
+    }
 
 
 # ------------------------------------------------------------------------------------------ QOFT: the trained model
 
-def quantized_model(model_dir, adapter_dir, kind: str, classes: Optional[list], record: Mapping,
-                    allow_pickle: bool = False) -> nn.Module:
+
+def quantized_model(
+    model_dir, adapter_dir, kind: str, classes: Optional[list], record: Mapping, allow_pickle: bool = False
+) -> nn.Module:
     """The model that was trained: the base loaded 4-bit as ``train --quantize`` loads it, with the adapter (eval)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -305,8 +348,16 @@ def _rel_err(a, ref) -> float:
     return float(np.abs(a.astype(np.float64) - ref).max() / max(float(np.abs(ref.astype(np.float64)).max()), 1e-30))
 
 
-def trained_model_gap(export_dir, model_dir, adapter_dir, kind: str, classes: Optional[list], record: Mapping,
-                      texts: Optional[list[str]] = None, allow_pickle: bool = False) -> dict:
+def trained_model_gap(
+    export_dir,
+    model_dir,
+    adapter_dir,
+    kind: str,
+    classes: Optional[list],
+    record: Mapping,
+    texts: Optional[list[str]] = None,
+    allow_pickle: bool = False,
+) -> dict:
     """How far the merged export's outputs are from the quantized-base model that was trained, on the verify inputs:
     ``as_trained`` (bitsandbytes' dequantizing kernel, what training ran) and ``bnb_cpu_inference`` (bitsandbytes'
     default CPU eval kernel, which rounds absmax to bfloat16: what a user loading the adapter over a 4-bit base on
@@ -322,6 +373,9 @@ def trained_model_gap(export_dir, model_dir, adapter_dir, kind: str, classes: Op
     inference = masked(torch_outputs(model, inputs, kind), mask, kind)
     del model, layers
     export = masked(torch_outputs(load_base(export_dir, kind, classes).float(), inputs, kind), mask, kind)
-    return {"reference": "the 4-bit base + adapter as trained, PyTorch with bitsandbytes on CPU",
-            "as_trained_rel_err": _rel_err(export, as_trained),
-            "bnb_cpu_inference_rel_err": _rel_err(export, inference), "bnb_cpu_repack": repacked}
+    return {
+        "reference": "the 4-bit base + adapter as trained, PyTorch with bitsandbytes on CPU",
+        "as_trained_rel_err": _rel_err(export, as_trained),
+        "bnb_cpu_inference_rel_err": _rel_err(export, inference),
+        "bnb_cpu_repack": repacked,
+    }

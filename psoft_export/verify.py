@@ -32,8 +32,13 @@ from psoft_export.verification import (  # noqa: F401  (re-exported)
 )
 
 
-def verify(export_dir: str | Path, model_dir: str | Path, adapter_dir: str | Path,
-           inputs: Optional[str | Path] = None, allow_pickle: bool = False) -> Report:
+def verify(
+    export_dir: str | Path,
+    model_dir: str | Path,
+    adapter_dir: str | Path,
+    inputs: Optional[str | Path] = None,
+    allow_pickle: bool = False,
+) -> Report:
     """Verify ``export_dir`` (written by ``merge``) against ``model_dir`` with ``adapter_dir``."""
     export_dir, model_dir, adapter_dir = Path(export_dir), Path(model_dir), Path(adapter_dir)
     info = read_export(export_dir)
@@ -44,5 +49,6 @@ def verify(export_dir: str | Path, model_dir: str | Path, adapter_dir: str | Pat
         reference = reference_model(model_dir, adapter_dir, allow_pickle)[0]
         compare_to = approximated_model(reference, info["lora_rank"])
         return verify_export(export_dir, info, model_dir, reference, kind, texts, compare_to)
-    return verify_export(export_dir, info, model_dir, lambda: reference_model(model_dir, adapter_dir, allow_pickle)[0],
-                         kind, texts)
+    return verify_export(
+        export_dir, info, model_dir, lambda: reference_model(model_dir, adapter_dir, allow_pickle)[0], kind, texts
+    )

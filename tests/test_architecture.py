@@ -25,6 +25,7 @@ LONG = {
     "converters/onnx.py": "optimum export plus the adapter-split graph surgery and ORT adapters of one format",
     "psoft_export/adapter_io.py": "both adapter formats (ours and PEFT's) both ways, with the PEFT basis change",
     "psoft_export/train.py": "the loop, checkpoints and resume of one command, kept readable top to bottom",
+    "psoft_export/cli.py": "the options of four commands, declarative click decorators one per line",
 }
 
 

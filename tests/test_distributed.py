@@ -41,10 +41,18 @@ STEPS = 6
 # PSOFT with --global-batch-size 8 as 2 ranks x 2 rows x 2 accumulation; OFT without it (2 ranks x 4 rows), on
 # prompt/completion rows whose token counts differ: a wrong weighting of the ranks' losses shows there.
 RUNS = {
-    "psoft": {"data": "train.jsonl", "eval": "eval.jsonl", "ranks": ["--global-batch-size", "8", "--batch-size", "2"],
-              "cfg": {"method": "psoft", "rank": 8, "seq_len": 32, "lr": 1e-2, "eval_every": 3}},
-    "oft": {"data": "prompt_completion.jsonl", "eval": None, "ranks": ["--batch-size", "4"],
-            "cfg": {"method": "oft", "block_size": 16, "seq_len": 64, "lr": 1e-2}},
+    "psoft": {
+        "data": "train.jsonl",
+        "eval": "eval.jsonl",
+        "ranks": ["--global-batch-size", "8", "--batch-size", "2"],
+        "cfg": {"method": "psoft", "rank": 8, "seq_len": 32, "lr": 1e-2, "eval_every": 3},
+    },
+    "oft": {
+        "data": "prompt_completion.jsonl",
+        "eval": None,
+        "ranks": ["--batch-size", "4"],
+        "cfg": {"method": "oft", "block_size": 16, "seq_len": 64, "lr": 1e-2},
+    },
 }
 COMMON = {"steps": STEPS, "warmup": 0.0, "log_every": 3, "batch_size": 8}
 
@@ -54,8 +62,21 @@ def argv(out: Path, method: str, *extra: str) -> list[str]:
     spec = RUNS[method]
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in spec["cfg"].items()]
     evals = ["--eval-data", str(DATA / spec["eval"])] if spec["eval"] else []
-    return ["train", str(MODELS / "llama"), "--data", str(DATA / spec["data"]), "-o", str(out), "--warmup=0",
-            f"--steps={STEPS}", "--log-every=3", *evals, *flags, *spec["ranks"], *extra]
+    return [
+        "train",
+        str(MODELS / "llama"),
+        "--data",
+        str(DATA / spec["data"]),
+        "-o",
+        str(out),
+        "--warmup=0",
+        f"--steps={STEPS}",
+        "--log-every=3",
+        *evals,
+        *flags,
+        *spec["ranks"],
+        *extra,
+    ]
 
 
 def free_port() -> int:
@@ -117,10 +138,26 @@ def forked(args: list[str], logs: Path, stop_at=None) -> tuple[list[int], list[s
 
 def torchrun(args: list[str]) -> subprocess.CompletedProcess:
     """``torchrun --standalone --nproc_per_node 2 -m psoft_export ...`` (a free port, one machine)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "psoft_export",
-           *args]
-    return subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300, check=False)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "psoft_export",
+        *args,
+    ]
+    return subprocess.run(
+        cmd,
+        cwd=ROOT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
 
 
 def logged(out: Path, key: str = "loss", present: bool = False) -> list[float]:
@@ -151,7 +188,9 @@ def assert_same_adapter(got: Path, want: Path) -> None:
     assert ta.keys() == tb.keys()
     errs = {k: rel(ta[k], tb[k]) for k in ta}
     key = max(errs, key=errs.get)
-    assert errs[key] <= TOL, f"adapter tensor {key}: relative {errs[key]:.1e} from the single-process run's (> {TOL:.0e})"
+    assert errs[key] <= TOL, (
+        f"adapter tensor {key}: relative {errs[key]:.1e} from the single-process run's (> {TOL:.0e})"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -160,11 +199,19 @@ def one(tmp_path_factory):
     root = tmp_path_factory.mktemp("one")
     made, threads = {}, torch.get_num_threads()
     torch.set_num_threads(1)  # as each rank: the same summation order inside each matmul
-    for name, method, extra in [("psoft", "psoft", {}), ("oft", "oft", {}),
-                                ("oft-split", "oft", {"batch_size": 4, "global_batch_size": 8})]:
+    for name, method, extra in [
+        ("psoft", "psoft", {}),
+        ("oft", "oft", {}),
+        ("oft-split", "oft", {"batch_size": 4, "global_batch_size": 8}),
+    ]:
         spec = RUNS[method]
-        train(MODELS / "llama", DATA / spec["data"], root / name, TrainConfig(**{**COMMON, **spec["cfg"], **extra}),
-              eval_data=DATA / spec["eval"] if spec["eval"] else None)
+        train(
+            MODELS / "llama",
+            DATA / spec["data"],
+            root / name,
+            TrainConfig(**{**COMMON, **spec["cfg"], **extra}),
+            eval_data=DATA / spec["eval"] if spec["eval"] else None,
+        )
         made[name] = root / name
     torch.set_num_threads(threads)
     return made
@@ -184,8 +231,9 @@ def test_torchrun_trains_what_one_process_trains_and_rank_0_alone_writes(one, tm
     assert len(logged(out, "eval_loss", present=True)) == 2, "--eval-every 3 of 6 steps"
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in one["psoft"].iterdir())
     assert [p.name for p in (out / "checkpoints").iterdir()] == [f"step-{STEPS:07d}.pt"]
-    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == \
-        list(range(1, STEPS + 1))
+    assert [json.loads(line)["step"] for line in (out / "train_log.jsonl").read_text().splitlines()] == list(
+        range(1, STEPS + 1)
+    )
     assert [p.name for p in tmp_path.iterdir()] == ["two"], "no lock, staging or temporary file left beside it"
     assert sum(line.startswith("train: step") for line in result.stderr.splitlines()) == STEPS, result.stderr
     assert sum(line.startswith("trained psoft") for line in result.stdout.splitlines()) == 1, result.stdout
@@ -238,8 +286,11 @@ def test_resume_on_another_split_only_when_it_trains_the_same_model(capsys):
     cfg = TrainConfig(batch_size=4, grad_accum=1)
     state = {"world_size": 2, "config": {"batch_size": 4, "grad_accum": 1, "global_batch_size": None}}
     model = nn.Linear(2, 2)
-    with pytest.raises(UserInputError, match=r"written by 2 rank\(s\) \(global batch 8\) and this run has 1 "
-                                             r"\(global batch 4\): resume on 2 rank\(s\)"):
+    with pytest.raises(
+        UserInputError,
+        match=r"written by 2 rank\(s\) \(global batch 8\) and this run has 1 "
+        r"\(global batch 4\): resume on 2 rank\(s\)",
+    ):
         distributed.check_resume(state, cfg, distributed.World(), model)
     same = TrainConfig(global_batch_size=8).for_world(1)
     state["config"]["global_batch_size"] = 8
@@ -309,19 +360,40 @@ def test_global_batch_size_is_split_or_refused():
 
 
 def _cli(tmp_path: Path, *extra: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "psoft_export", "train", str(MODELS / "llama"), "--data", str(DATA / "train.jsonl"),
-           "-o", str(tmp_path / "out"), "--method", "oft", "--block-size", "16", "--seq-len", "32", "--steps", "1",
-           *extra]
-    return subprocess.run(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, check=False,
-                          timeout=120)
+    cmd = [
+        sys.executable,
+        "-m",
+        "psoft_export",
+        "train",
+        str(MODELS / "llama"),
+        "--data",
+        str(DATA / "train.jsonl"),
+        "-o",
+        str(tmp_path / "out"),
+        "--method",
+        "oft",
+        "--block-size",
+        "16",
+        "--seq-len",
+        "32",
+        "--steps",
+        "1",
+        *extra,
+    ]
+    return subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, **(env or {})}, capture_output=True, text=True, check=False, timeout=120
+    )
 
 
 def test_a_global_batch_the_ranks_cannot_split_is_one_line_exit_2(tmp_path):
     ranks = {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}  # what torchrun sets; refused before any rendezvous
     result = _cli(tmp_path, "--global-batch-size", "3", env=ranks)
-    assert result.returncode == 2 and result.stderr.splitlines() == [(
-        "error: --global-batch-size 3 is not divisible by the 2 ranks: use a multiple of 2, or launch a number of "
-        "ranks that divides 3")], result.stderr
+    assert result.returncode == 2 and result.stderr.splitlines() == [
+        (
+            "error: --global-batch-size 3 is not divisible by the 2 ranks: use a multiple of 2, or launch a number of "
+            "ranks that divides 3"
+        )
+    ], result.stderr
     assert not (tmp_path / "out").exists()
 
 
@@ -329,8 +401,14 @@ def test_a_rank_that_cannot_reach_the_others_names_the_address(tmp_path):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {"WORLD_SIZE": "2", "RANK": "1", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           distributed.TIMEOUT_ENV: "2"}
+    env = {
+        "WORLD_SIZE": "2",
+        "RANK": "1",
+        "LOCAL_RANK": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        distributed.TIMEOUT_ENV: "2",
+    }
     result = _cli(tmp_path, env=env)
     lines = result.stderr.splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr

@@ -17,10 +17,10 @@ import pytest
 import torch
 
 from psoft_export.errors import VerificationError
-from tests.golden import ADAPTERS
 from psoft_export.merge import _merged, merge
 from psoft_export.verify import reference_model
 from tests.conftest import MODELS, ROOT
+from tests.golden import ADAPTERS
 from tests.test_stream import MB, big_model, peft_only, resave
 
 CASES = {"llama-psoft": "llama", "qwen2-psoft": "qwen2", "llama-oft": "llama"}
@@ -44,7 +44,8 @@ def test_streamed_gguf_is_byte_identical_to_the_in_memory_route(tmp_path, case, 
     summary = merge(model_dir, adapter, tmp_path / "stream", "gguf", dtype=dtype, quant=quant, verify=False)
     assert summary["streamed"], summary
     assert sorted(p.name for p in (tmp_path / "stream").iterdir()) == [".psoft-export", "export.json", "model.gguf"], (
-        "the scratch directory was left behind")
+        "the scratch directory was left behind"
+    )
     expected = in_memory_gguf(model_dir, adapter, tmp_path / "memory", dtype, quant)
     got = (tmp_path / "stream" / "model.gguf").read_bytes()
     assert got == expected.read_bytes(), f"{case} {gguf_type}: streamed GGUF differs from the in-memory route's bytes"
@@ -66,13 +67,13 @@ def test_a_layer_left_unfolded_fails_verification(tmp_path, monkeypatch):
     rounded reference."""
     import psoft_export.merge as merge_mod
 
-    real = merge_mod._Stream.__init__
+    real = merge_mod.Stream.__init__
 
     def skip_one(self, *args, **kwargs):
         real(self, *args, **kwargs)
         self.fold.pop("model.layers.1.self_attn.v_proj.weight")
 
-    monkeypatch.setattr(merge_mod._Stream, "__init__", skip_one)
+    monkeypatch.setattr(merge_mod.Stream, "__init__", skip_one)
     with pytest.raises(VerificationError, match=r"weights: .*FAIL"):
         merge(MODELS / "llama", ADAPTERS / "llama-psoft", tmp_path / "out", "gguf", dtype="float16", strict=True)
 
@@ -93,8 +94,9 @@ print("VmHWM", re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read(
 def peak_rss_mb(*args: str) -> float:
     """Peak RSS (MiB) of a fresh child running :data:`CHILD`: its ``VmHWM`` (see tests/test_stream.py)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, *args], env=env, cwd=ROOT, capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return int(proc.stdout.split("VmHWM")[-1]) / 1024
 
@@ -116,4 +118,5 @@ def test_peak_memory_is_one_tensor_not_the_model(tmp_path):
     assert peak - baseline <= bound / MB, (
         f"streamed GGUF merge peak RSS {peak:.0f} MiB - baseline {baseline:.0f} MiB = {peak - baseline:.0f} MiB > "
         f"bound {bound / MB:.0f} MiB (largest shard {shard / MB:.0f} + 4 x largest tensor {largest / MB:.0f} + adapter "
-        f"{adapter_size / MB:.1f}); the model is {total / MB:.0f} MiB")
+        f"{adapter_size / MB:.1f}); the model is {total / MB:.0f} MiB"
+    )

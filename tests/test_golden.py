@@ -14,8 +14,8 @@ import json
 import pytest
 
 from tests import golden
-from tests.golden import ADAPTERS, CASES, GOLDEN, ROUTES, compare, export, label, load_golden, record
 from tests.conftest import require
+from tests.golden import ADAPTERS, CASES, GOLDEN, ROUTES, compare, export, label, load_golden, record
 
 REGENERATE = "python -m tests.golden --regenerate"
 

@@ -78,8 +78,10 @@ def test_completion_rows_mask_the_prompt_by_hand():
 
 
 def test_collate_pads_labels_with_ignore():
-    rows = [{"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7])},
-            {"input_ids": torch.tensor([8]), "labels": torch.tensor([8])}]
+    rows = [
+        {"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7])},
+        {"input_ids": torch.tensor([8]), "labels": torch.tensor([8])},
+    ]
     batch = data_mod.collate(rows, pad_id=0)
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
@@ -110,8 +112,11 @@ def test_clipping_caps_the_norm(tmp_path, recorded):
 
 def test_epochs_set_the_number_of_steps(tmp_path):
     summary, _ = _train(tmp_path, "ep", epochs=0.5, batch_size=8)
-    rows = len(data_mod.tokenize(data_mod.read_jsonl(DATA / "train.jsonl")[1], "causal",
-                                 AutoTokenizer.from_pretrained(MODELS / "llama"), 32))
+    rows = len(
+        data_mod.tokenize(
+            data_mod.read_jsonl(DATA / "train.jsonl")[1], "causal", AutoTokenizer.from_pretrained(MODELS / "llama"), 32
+        )
+    )
     assert summary["steps"] == math.ceil(0.5 * math.ceil(rows / 8))
 
 
@@ -257,8 +262,13 @@ def test_non_finite_loss_stops_before_the_optimizer_step(tmp_path, monkeypatch, 
         seen.append(record)
 
     with pytest.raises(TrainingDiverged, match="loss became nan at step 2"):
-        train(MODELS / "llama", DATA / "train.jsonl", tmp_path / "out",
-              TrainConfig(**{**FAST, "steps": 4, "grad_accum": 2}), on_log=keep)
+        train(
+            MODELS / "llama",
+            DATA / "train.jsonl",
+            tmp_path / "out",
+            TrainConfig(**{**FAST, "steps": 4, "grad_accum": 2}),
+            on_log=keep,
+        )
     assert len(seen) == 1 and math.isfinite(seen[0]["loss"])
     assert len(recorded) == 1, "the optimizer stepped on the non-finite step"
 

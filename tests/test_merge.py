@@ -42,9 +42,15 @@ def adapters(tmp_path_factory):
         train(MODELS / model, DATA / data, out, cfg)
         adapted, kind, classes = reference_model(MODELS / model, out)
         randomize(adapted, std=0.2)
-        adapter_io.save_adapter(out, adapted, cfg.method_config(), base_model=str(MODELS / model),
-                                task="classify" if kind == "classify" else "causal", classes=classes,
-                                heads=json.loads((out / "psoft_export.json").read_text())["heads"])
+        adapter_io.save_adapter(
+            out,
+            adapted,
+            cfg.method_config(),
+            base_model=str(MODELS / model),
+            task="classify" if kind == "classify" else "causal",
+            classes=classes,
+            heads=json.loads((out / "psoft_export.json").read_text())["heads"],
+        )
         inputs = fixed_inputs(MODELS / model)
         base = load_base(MODELS / model, kind, classes, out)
         adapter_io.load_heads(base, out)
@@ -55,12 +61,24 @@ def adapters(tmp_path_factory):
 
 
 ROUTES = [
-    ("llama-psoft", "safetensors", False), ("llama-psoft", "safetensors", True), ("llama-psoft", "onnx", False),
-    ("llama-psoft", "onnx", True), ("llama-psoft", "gguf", False), ("llama-psoft", "gguf", True),
-    ("qwen2-psoft", "safetensors", False), ("qwen2-psoft", "onnx", True), ("qwen2-psoft", "gguf", False),
-    ("qwen2-psoft", "gguf", True), ("llama-oft", "safetensors", False), ("llama-oft", "onnx", True),
-    ("llama-oft", "gguf", False), ("gpt2-psoft", "safetensors", True), ("gpt2-psoft", "onnx", False),
-    ("gpt2-psoft", "onnx", True), ("bert-psoft", "safetensors", False), ("bert-psoft", "onnx", False),
+    ("llama-psoft", "safetensors", False),
+    ("llama-psoft", "safetensors", True),
+    ("llama-psoft", "onnx", False),
+    ("llama-psoft", "onnx", True),
+    ("llama-psoft", "gguf", False),
+    ("llama-psoft", "gguf", True),
+    ("qwen2-psoft", "safetensors", False),
+    ("qwen2-psoft", "onnx", True),
+    ("qwen2-psoft", "gguf", False),
+    ("qwen2-psoft", "gguf", True),
+    ("llama-oft", "safetensors", False),
+    ("llama-oft", "onnx", True),
+    ("llama-oft", "gguf", False),
+    ("gpt2-psoft", "safetensors", True),
+    ("gpt2-psoft", "onnx", False),
+    ("gpt2-psoft", "onnx", True),
+    ("bert-psoft", "safetensors", False),
+    ("bert-psoft", "onnx", False),
     ("bert-psoft", "safetensors", True),
 ]
 
@@ -78,7 +96,8 @@ def test_export_matches_the_adapter_model(adapters, tmp_path, case, to, split):
         assert o["rel_err"] <= tol, f"{case} {to} {name}: rel err {o['rel_err']:.2e}"
         assert shift > 30 * max(tol, (report.get("precision") or {}).get("bound", 0)), (
             f"{case}: the adapter moves outputs by only {shift:.2e}; the {to} check (tol {tol}) "
-            "could not tell an export without it")
+            "could not tell an export without it"
+        )
     again = verify(tmp_path / "out", MODELS / model, adapter)
     assert again.ok and again.outputs.keys() == report["outputs"].keys(), "verify disagrees with merge's own check"
     # An oracle we did not write: PEFT loads the adapter's PEFT files, builds R from the raw parameters itself
@@ -119,7 +138,9 @@ def test_quantized_gguf_has_its_own_tolerance(adapters, tmp_path):
     require("llama_cpp")
     model, adapter, _ = adapters["llama-psoft"]
     for dtype, quant in [("float16", None), ("float32", "q8_0")]:
-        report = merge(MODELS / model, adapter, tmp_path / f"{dtype}{quant}", "gguf", dtype=dtype, quant=quant)["verification"]
+        report = merge(MODELS / model, adapter, tmp_path / f"{dtype}{quant}", "gguf", dtype=dtype, quant=quant)[
+            "verification"
+        ]
         assert report["ok"], report
 
 
@@ -171,16 +192,20 @@ def test_verification_failure_keeps_the_export_unverified_unless_strict(adapters
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.unverified"], "--strict must keep nothing"
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--to", "tflite"], "unknown export format --to 'tflite'"),
-    (["--to", "onnx", "--dtype", "float16"], "ONNX exports are float32"),
-    (["--to", "safetensors", "--quant", "q8_0"], "--quant q8_0 is for --to gguf"),
-    (["--to", "gguf", "--lora-rank", "4"], "--lora-rank K (K > 0) is for --split"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--to", "tflite"], "unknown export format --to 'tflite'"),
+        (["--to", "onnx", "--dtype", "float16"], "ONNX exports are float32"),
+        (["--to", "safetensors", "--quant", "q8_0"], "--quant q8_0 is for --to gguf"),
+        (["--to", "gguf", "--lora-rank", "4"], "--lora-rank K (K > 0) is for --split"),
+    ],
+)
 def test_bad_requests_exit_2_with_one_line(adapters, tmp_path, args, message):
     model, adapter, _ = adapters["llama-psoft"]
-    result = CliRunner().invoke(cli, ["merge", str(MODELS / model), "--adapter", str(adapter), "-o",
-                                      str(tmp_path / "out"), *args])
+    result = CliRunner().invoke(
+        cli, ["merge", str(MODELS / model), "--adapter", str(adapter), "-o", str(tmp_path / "out"), *args]
+    )
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
@@ -195,8 +220,9 @@ def test_gguf_refuses_encoders(adapters, tmp_path):
 def test_verify_cli_exit_codes(adapters, tmp_path):
     model, adapter, _ = adapters["qwen2-psoft"]
     merge(MODELS / model, adapter, tmp_path / "out", "safetensors")
-    ok = CliRunner().invoke(cli, ["verify", str(tmp_path / "out"), "--model", str(MODELS / model), "--adapter",
-                                  str(adapter), "--json"])
+    ok = CliRunner().invoke(
+        cli, ["verify", str(tmp_path / "out"), "--model", str(MODELS / model), "--adapter", str(adapter), "--json"]
+    )
     assert ok.exit_code == 0 and json.loads(ok.output)["ok"]
     # the same export checked against a different adapter (generators shifted by 0.1): beyond tolerance, exit 1
     import shutil
@@ -207,10 +233,13 @@ def test_verify_cli_exit_codes(adapters, tmp_path):
     shutil.copytree(adapter, other)
     tensors = {k: v + 0.1 if k.endswith(".q") else v for k, v in load_file(other / "psoft_export.safetensors").items()}
     save_file(tensors, str(other / "psoft_export.safetensors"))
-    bad = CliRunner().invoke(cli, ["verify", str(tmp_path / "out"), "--model", str(MODELS / model), "--adapter", str(other)])
+    bad = CliRunner().invoke(
+        cli, ["verify", str(tmp_path / "out"), "--model", str(MODELS / model), "--adapter", str(other)]
+    )
     assert bad.exit_code == 1 and "FAIL" in bad.output, bad.output
-    missing = CliRunner().invoke(cli, ["verify", str(tmp_path / "nope"), "--model", str(MODELS / model), "--adapter",
-                                       str(adapter)])
+    missing = CliRunner().invoke(
+        cli, ["verify", str(tmp_path / "nope"), "--model", str(MODELS / model), "--adapter", str(adapter)]
+    )
     assert missing.exit_code == 2 and "not an export" in missing.output
 
 
@@ -252,7 +281,9 @@ def test_llama_cpp_converter_takes_the_merged_output_unchanged(tmp_path):
     tokens = [128000, 791, 2579, 39935, 6439, 304, 279, 10411, 13, 15, 220]
     with torch.no_grad():
         want = model(torch.tensor([tokens])).logits[0]
-        plain = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()(torch.tensor([tokens])).logits[0]
+        plain = (
+            AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()(torch.tensor([tokens])).logits[0]
+        )
     assert float((plain - want).abs().max() / want.abs().max()) > 0.05, "the adapter must move the logits"
     got = torch.from_numpy(gg.run_logits(tmp_path / "converted.gguf", tokens))
     err = float((got - want).abs().max() / want.abs().max())
@@ -266,8 +297,11 @@ def test_peft_trained_adapters_export_like_ours(tmp_path, kind):
     from peft import PsoftConfig as PeftPsoftConfig
 
     base = AutoModelForCausalLM.from_pretrained(MODELS / "qwen2").eval()
-    cfg = (PeftPsoftConfig(r=8, psoft_alpha=16, target_modules="all-linear") if kind == "psoft"
-           else OFTConfig(r=0, oft_block_size=16, target_modules="all-linear", use_cayley_neumann=True))
+    cfg = (
+        PeftPsoftConfig(r=8, psoft_alpha=16, target_modules="all-linear")
+        if kind == "psoft"
+        else OFTConfig(r=0, oft_block_size=16, target_modules="all-linear", use_cayley_neumann=True)
+    )
     peft_model = get_peft_model(base, cfg)
     g = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -296,8 +330,19 @@ def test_verify_inputs_file(adapters, tmp_path):
     inputs.write_text('{"text": "The owl and the fox."}\n{"text": "A quiet morning in the forest, with rain."}\n')
     report = verify(tmp_path / "out", MODELS / model, adapter, inputs)
     assert report.ok, report.to_dict()
-    bad = CliRunner().invoke(cli, ["verify", str(tmp_path / "out"), "--model", str(MODELS / model), "--adapter",
-                                   str(adapter), "--inputs", str(tmp_path / "missing.jsonl")])
+    bad = CliRunner().invoke(
+        cli,
+        [
+            "verify",
+            str(tmp_path / "out"),
+            "--model",
+            str(MODELS / model),
+            "--adapter",
+            str(adapter),
+            "--inputs",
+            str(tmp_path / "missing.jsonl"),
+        ],
+    )
     assert bad.exit_code == 2 and "does not exist" in bad.output
 
 

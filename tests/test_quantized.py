@@ -14,8 +14,10 @@ import sys
 import pytest
 import torch
 
-bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not importable: pip install bitsandbytes==0.50.2 "
-                                                  "(the quant extra) to test QOFT")
+bnb = pytest.importorskip(
+    "bitsandbytes",
+    reason="bitsandbytes is not importable: pip install bitsandbytes==0.50.2 (the quant extra) to test QOFT",
+)
 
 from peft import OFTConfig, get_peft_model  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
@@ -50,9 +52,16 @@ def test_oft_over_nf4_matches_peft(cayley):
     ours = load_nf4()
     layers = inject(ours, OftConfig(block_size=BLOCK, cayley=cayley, neumann_terms=5))
     assert all(quantized.is_quantized(layer.base_layer) for layer in layers.values())
-    theirs = get_peft_model(load_nf4(), OFTConfig(r=0, oft_block_size=BLOCK, target_modules="all-linear",
-                                                  use_cayley_neumann=cayley == "neumann",
-                                                  num_cayley_neumann_terms=5)).eval()
+    theirs = get_peft_model(
+        load_nf4(),
+        OFTConfig(
+            r=0,
+            oft_block_size=BLOCK,
+            target_modules="all-linear",
+            use_cayley_neumann=cayley == "neumann",
+            num_cayley_neumann_terms=5,
+        ),
+    ).eval()
     peft_layers = {n: m for n, m in theirs.base_model.model.named_modules() if hasattr(m, "oft_R")}
     assert set(layers) == set(peft_layers), "all-linear selects different 4-bit modules than PEFT"
     assert all(quantized.is_quantized(m.get_base_layer()) for m in peft_layers.values()), "PEFT's base is not 4-bit"
@@ -73,8 +82,10 @@ def test_forward_rotates_the_input_and_never_dequantizes(monkeypatch):
     randomize({"down": layer})
     W = quantized.dequantized_weight(base).double()  # the oracle, built before the guard below
     R = layer.rotation().detach().double()
-    monkeypatch.setattr("psoft_export.adapters.oft.dequantized_weight",
-                        lambda module: pytest.fail("the forward pass dequantized the base weight"))
+    monkeypatch.setattr(
+        "psoft_export.adapters.oft.dequantized_weight",
+        lambda module: pytest.fail("the forward pass dequantized the base weight"),
+    )
     x = torch.randn(5, base.in_features, generator=torch.Generator().manual_seed(1))
     y = layer(x)
     expected = (x.double() @ R) @ W.T
@@ -91,8 +102,14 @@ def test_round_trip_is_the_loaded_models_own_dequantization(dtype):
     with the recorded settings gives the weights transformers stored, bit for bit."""
     model = load_nf4(getattr(torch, dtype))
     source = load_file(LLAMA / "model.safetensors")
-    record = {"library": "bitsandbytes", "quant_type": "nf4", "blocksize": 64, "double_quant": False, "modules": [],
-              "quantized_from": dtype}
+    record = {
+        "library": "bitsandbytes",
+        "quant_type": "nf4",
+        "blocksize": 64,
+        "double_quant": False,
+        "modules": [],
+        "quantized_from": dtype,
+    }
     names = quantized.quantized_modules(model)
     assert len(names) == 14 and "lm_head" not in names
     for name in names:
@@ -123,9 +140,12 @@ def test_training_keeps_the_base_4bit(tmp_path):
     f32_whole = sum(t.numel() * t.element_size() for t in list(float_model.parameters()) + list(float_model.buffers()))
     assert whole <= f32_whole - f32 + q_bytes, (
         f"the frozen base holds {whole} bytes, more than its float parts plus the 4-bit layers "
-        f"({f32_whole - f32 + q_bytes}): a dequantized copy persists")
-    print(f"4-bit layers {q_bytes / f32:.3f}x float32; whole frozen base {whole / f32_whole:.3f}x (embeddings and "
-          "head stay float)")
+        f"({f32_whole - f32 + q_bytes}): a dequantized copy persists"
+    )
+    print(
+        f"4-bit layers {q_bytes / f32:.3f}x float32; whole frozen base {whole / f32_whole:.3f}x (embeddings and "
+        "head stay float)"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -140,13 +160,18 @@ def test_loss_falls_over_nf4(trained):
     out, history = trained
     first = sum(h["loss"] for h in history[:4]) / 4
     last = sum(h["loss"] for h in history[-4:]) / 4
-    assert first - last >= 0.08, (f"QOFT: mean loss of the first 4 steps {first:.4f}, last 4 {last:.4f}; "
-                                  "expected a fall of at least 0.08")
+    assert first - last >= 0.08, (
+        f"QOFT: mean loss of the first 4 steps {first:.4f}, last 4 {last:.4f}; expected a fall of at least 0.08"
+    )
     meta = adapter_io.read_meta(out)
     assert meta["train"]["quantize"] == "nf4"
     record = meta["quantized_base"]
-    assert (record["quant_type"], record["blocksize"], record["double_quant"], record["quantized_from"]) == \
-        ("nf4", 64, False, "float32")
+    assert (record["quant_type"], record["blocksize"], record["double_quant"], record["quantized_from"]) == (
+        "nf4",
+        64,
+        False,
+        "float32",
+    )
     assert len(record["modules"]) == 14 and set(meta["targets"]) <= set(record["modules"])
 
 
@@ -178,8 +203,10 @@ def test_merge_folds_into_the_dequantized_weights(trained, tmp_path, dtype, tol)
     gap = q["vs_trained_model"]
     bound = 1e-5 if dtype == "float32" else 5e-2
     assert gap["as_trained_rel_err"] <= bound, f"export vs the trained 4-bit model {gap['as_trained_rel_err']:.2e}"
-    print(f"{dtype}: export vs trained 4-bit model {gap['as_trained_rel_err']:.2e}, vs bitsandbytes' CPU inference "
-          f"kernel {gap['bnb_cpu_inference_rel_err']:.2e}")
+    print(
+        f"{dtype}: export vs trained 4-bit model {gap['as_trained_rel_err']:.2e}, vs bitsandbytes' CPU inference "
+        f"kernel {gap['bnb_cpu_inference_rel_err']:.2e}"
+    )
 
 
 def test_unsupported_routes_are_refused(trained, tmp_path):
@@ -201,11 +228,22 @@ def _nf4_with(adapter):
 def test_psoft_over_a_quantized_base_is_refused():
     with pytest.raises(UserInputError, match="trains OFT only"):
         TrainConfig(method="psoft", quantize="nf4")
-    command = ["train", str(LLAMA), "--data", str(DATA / "train.jsonl"), "-o", "unused", "--method", "psoft",
-               "--quantize", "nf4"]
+    command = [
+        "train",
+        str(LLAMA),
+        "--data",
+        str(DATA / "train.jsonl"),
+        "-o",
+        "unused",
+        "--method",
+        "psoft",
+        "--quantize",
+        "nf4",
+    ]
     proc = subprocess.run([sys.executable, "-m", "psoft_export", *command], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: ") and len(proc.stderr.splitlines()) == 1, \
+    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: ") and len(proc.stderr.splitlines()) == 1, (
         proc.stderr
+    )
 
 
 @pytest.mark.parametrize("model", ["gpt2", "qwen2"])
@@ -252,8 +290,9 @@ def test_an_8bit_layer_is_recognized_and_dequantized():
     refuses an in-place merge, and its weight is read back as the training-mode kernel uses it."""
     from transformers import BitsAndBytesConfig
 
-    model = AutoModelForCausalLM.from_pretrained(LLAMA, dtype=torch.float32, device_map={"": "cpu"},
-                                                 quantization_config=BitsAndBytesConfig(load_in_8bit=True)).train()
+    model = AutoModelForCausalLM.from_pretrained(
+        LLAMA, dtype=torch.float32, device_map={"": "cpu"}, quantization_config=BitsAndBytesConfig(load_in_8bit=True)
+    ).train()
     base = model.model.layers[0].mlp.down_proj
     assert quantized.is_quantized(base)
     x = torch.randn(3, base.in_features, requires_grad=True)

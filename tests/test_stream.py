@@ -25,12 +25,18 @@ from safetensors.torch import load_file, save
 from converters import safetensors as conv
 from psoft_export.cli import cli
 from psoft_export.errors import VerificationError
-from tests.golden import ADAPTERS
 from psoft_export.merge import _merged_hf, merge
 from psoft_export.verify import reference_model
 from tests.conftest import MODELS, ROOT
+from tests.golden import ADAPTERS
 
-CASES = {"llama-psoft": "llama", "qwen2-psoft": "qwen2", "llama-oft": "llama", "gpt2-psoft": "gpt2", "bert-psoft": "bert"}
+CASES = {
+    "llama-psoft": "llama",
+    "qwen2-psoft": "qwen2",
+    "llama-oft": "llama",
+    "gpt2-psoft": "gpt2",
+    "bert-psoft": "bert",
+}
 BOOKKEEPING = ("export.json", ".psoft-export")
 MB = 2**20
 
@@ -78,6 +84,7 @@ def resave(model_dir: Path, out: Path, dtype: torch.dtype = torch.float32, shard
 
 # ------------------------------------------------------------------------------------------ equality with in-memory
 
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_float32_is_byte_identical_to_the_in_memory_merge(tmp_path, case):
     """PSOFT and OFT, Conv1D (GPT-2, weight (in, out), lm_head tied), a task model (BERT classifier: ``bert.``
@@ -87,7 +94,9 @@ def test_float32_is_byte_identical_to_the_in_memory_merge(tmp_path, case):
     assert summary["streamed"] and summary["dtype"] == "float32" and summary["dtype_from"] == "source"
     expected = in_memory(model_dir, adapter, tmp_path / "memory")
     assert export_files(tmp_path / "stream") == export_files(expected), f"{case}: the two routes write other files"
-    differ = [n for n in export_files(expected) if not filecmp.cmp(tmp_path / "stream" / n, expected / n, shallow=False)]
+    differ = [
+        n for n in export_files(expected) if not filecmp.cmp(tmp_path / "stream" / n, expected / n, shallow=False)
+    ]
     assert not differ, f"{case}: streamed files differ from the in-memory merge (oracle: bytes equal): {differ}"
 
 
@@ -111,14 +120,17 @@ def test_bf16_source_stays_bf16_and_float32_on_request(tmp_path, case):
     re-saved base has other hashes; PSOFT then recomputes its subspace from each weight, as PEFT does)."""
     model_dir = resave(MODELS / "llama", tmp_path / "bf16", torch.bfloat16)
     adapter = peft_only(ADAPTERS / case, tmp_path / "adapter")
-    result = CliRunner().invoke(cli, ["merge", str(model_dir), "--adapter", str(adapter), "--to", "safetensors",
-                                      "-o", str(tmp_path / "stream")])
+    result = CliRunner().invoke(
+        cli, ["merge", str(model_dir), "--adapter", str(adapter), "--to", "safetensors", "-o", str(tmp_path / "stream")]
+    )
     assert result.exit_code == 0, result.output
     assert "exported merged safetensors (bfloat16, the source's dtype)" in result.output, result.output
     info = json.loads((tmp_path / "stream" / "export.json").read_text())
     assert info["dtype"] == "bfloat16" and info["streamed"] and info["verification"]["ok"], info
     expected = in_memory(model_dir, adapter, tmp_path / "memory", "bfloat16")
-    differ = [n for n in export_files(expected) if not filecmp.cmp(tmp_path / "stream" / n, expected / n, shallow=False)]
+    differ = [
+        n for n in export_files(expected) if not filecmp.cmp(tmp_path / "stream" / n, expected / n, shallow=False)
+    ]
     assert export_files(tmp_path / "stream") == export_files(expected) and not differ, differ
     wide = merge(model_dir, adapter, tmp_path / "f32", "safetensors", dtype="float32", verify=False)
     assert wide["dtype"] == "float32" and all(t.dtype == torch.float32 for t in tensors(tmp_path / "f32").values())
@@ -135,7 +147,9 @@ def test_sharded_source_gives_the_same_shards_and_an_index(tmp_path, name, case)
     assert index["weight_map"] == source_index["weight_map"], "tensor-to-shard assignment differs from the source"
     shards = sorted(set(index["weight_map"].values()))
     assert [f for f in summary["files"] if f.endswith(".safetensors")] == shards
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors(tmp_path / "stream").values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in tensors(tmp_path / "stream").values()
+    )
     for shard in shards:
         with safe_open(str(tmp_path / "stream" / shard), "pt") as f:
             assert sorted(f.keys()) == sorted(k for k, v in index["weight_map"].items() if v == shard)
@@ -145,14 +159,24 @@ def test_sharded_source_gives_the_same_shards_and_an_index(tmp_path, name, case)
 
 def test_header_and_file_are_what_the_safetensors_library_writes(tmp_path):
     gen = torch.Generator().manual_seed(0)
-    named = {"b.weight": torch.randn(3, 5, generator=gen).half(), "a.weight": torch.randn(2, 3, generator=gen),
-             "c": torch.randn(7, generator=gen).bfloat16(), "aa": torch.arange(3), "z": torch.zeros(0),
-             "m": torch.ones(4, dtype=torch.bool), "u": torch.arange(5, dtype=torch.uint8),
-             "d": torch.randn(2, generator=gen, dtype=torch.float64), "i": torch.arange(3, dtype=torch.int32)}
-    entries = [conv.Entry(k, k, tuple(t.shape), conv.ST_NAMES[t.dtype], t.numel() * t.element_size()) for k, t in named.items()]
+    named = {
+        "b.weight": torch.randn(3, 5, generator=gen).half(),
+        "a.weight": torch.randn(2, 3, generator=gen),
+        "c": torch.randn(7, generator=gen).bfloat16(),
+        "aa": torch.arange(3),
+        "z": torch.zeros(0),
+        "m": torch.ones(4, dtype=torch.bool),
+        "u": torch.arange(5, dtype=torch.uint8),
+        "d": torch.randn(2, generator=gen, dtype=torch.float64),
+        "i": torch.arange(3, dtype=torch.int32),
+    }
+    entries = [
+        conv.Entry(k, k, tuple(t.shape), conv.ST_NAMES[t.dtype], t.numel() * t.element_size()) for k, t in named.items()
+    ]
     conv._write_file(tmp_path / "ours.safetensors", entries, lambda e: named[e.key])
     assert (tmp_path / "ours.safetensors").read_bytes() == save(named, metadata=conv.METADATA), (
-        "header order, offsets or padding differ from the safetensors library's")
+        "header order, offsets or padding differ from the safetensors library's"
+    )
 
 
 def test_a_tensor_the_files_lack_takes_the_in_memory_route():
@@ -168,6 +192,7 @@ def test_a_tensor_the_files_lack_takes_the_in_memory_route():
 
 # ------------------------------------------------------------------------------------------ verification failure
 
+
 def test_failed_verification_keeps_the_export_unverified(tmp_path, monkeypatch):
     import psoft_export.verification as verify_mod
 
@@ -178,12 +203,25 @@ def test_failed_verification_keeps_the_export_unverified(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.unverified"], "a temporary directory was left behind"
     assert (tmp_path / "out.unverified" / "model.safetensors").is_file()
-    result = CliRunner().invoke(cli, ["merge", str(model_dir), "--adapter", str(adapter), "--to", "safetensors",
-                                      "-o", str(tmp_path / "out")])  # again: the earlier .unverified is replaced
+    result = CliRunner().invoke(
+        cli, ["merge", str(model_dir), "--adapter", str(adapter), "--to", "safetensors", "-o", str(tmp_path / "out")]
+    )  # again: the earlier .unverified is replaced
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert result.exit_code == 1 and len(lines) == 1 and "out.unverified" in lines[0], result.output
-    strict = CliRunner().invoke(cli, ["merge", str(model_dir), "--adapter", str(adapter), "--to", "safetensors",
-                                      "-o", str(tmp_path / "s"), "--strict"])
+    strict = CliRunner().invoke(
+        cli,
+        [
+            "merge",
+            str(model_dir),
+            "--adapter",
+            str(adapter),
+            "--to",
+            "safetensors",
+            "-o",
+            str(tmp_path / "s"),
+            "--strict",
+        ],
+    )
     assert strict.exit_code == 1 and "nothing was written" in strict.output, strict.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.unverified"], "--strict must keep nothing"
 
@@ -192,13 +230,13 @@ def test_a_layer_left_unfolded_fails_verification(tmp_path, monkeypatch):
     """A planted bug (one adapted weight written unfolded) is caught by the tensor-by-tensor check."""
     import psoft_export.merge as merge_mod
 
-    real = merge_mod._Stream.__init__
+    real = merge_mod.Stream.__init__
 
     def skip_one(self, *args, **kwargs):
         real(self, *args, **kwargs)
         self.fold.pop("model.layers.1.mlp.down_proj.weight")
 
-    monkeypatch.setattr(merge_mod._Stream, "__init__", skip_one)
+    monkeypatch.setattr(merge_mod.Stream, "__init__", skip_one)
     with pytest.raises(VerificationError, match="weights: .*FAIL"):
         merge(MODELS / "llama", ADAPTERS / "llama-psoft", tmp_path / "out", "safetensors", strict=True)
 
@@ -226,8 +264,9 @@ def peak_rss_mb(*args: str) -> float:
     (Not ``wait4``'s ``ru_maxrss``: that also counts the pages of the forked parent before exec, the whole pytest
     process.)"""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run([sys.executable, "-c", CHILD, *args], env=env, cwd=ROOT, capture_output=True, text=True,
-                          check=False)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, *args], env=env, cwd=ROOT, capture_output=True, text=True, check=False
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     return int(proc.stdout.split("VmHWM")[-1]) / 1024
 
@@ -240,8 +279,15 @@ def big_model(tmp: Path) -> tuple[Path, Path]:
     from psoft_export.adapters import OftConfig, inject
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=6, num_attention_heads=12,
-                         num_key_value_heads=12, vocab_size=1000, tie_word_embeddings=False)
+    config = LlamaConfig(
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=1000,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config).eval()
     model_dir, adapter_dir = tmp / "big", tmp / "adapter"
     model.save_pretrained(model_dir, max_shard_size="40MB")
@@ -272,4 +318,5 @@ def test_peak_memory_is_one_tensor_not_the_model(tmp_path):
     assert peak - baseline <= bound / MB, (
         f"streamed merge peak RSS {peak:.0f} MiB - baseline {baseline:.0f} MiB = {peak - baseline:.0f} MiB > bound "
         f"{bound / MB:.0f} MiB (largest shard {shard / MB:.0f} + 4 x largest tensor {largest / MB:.0f} + adapter "
-        f"{adapter_size / MB:.1f}); the model is {total / MB:.0f} MiB")
+        f"{adapter_size / MB:.1f}); the model is {total / MB:.0f} MiB"
+    )

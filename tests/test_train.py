@@ -18,9 +18,9 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from psoft_export import adapter_io
 from psoft_export.adapters import adapter_layers
 from psoft_export.errors import UserInputError
-from tests.golden import randomize
 from psoft_export.train import TrainConfig, TrainingDiverged, train
 from tests.conftest import MODELS, model_inputs, outputs, rel_err
+from tests.golden import randomize
 
 DATA = MODELS.parent / "data"
 TOL = 1e-5
@@ -39,27 +39,41 @@ def run(tmp_path, model="llama", data="train.jsonl", **overrides):
     return out, summary, history
 
 
-@pytest.mark.parametrize("model,method,data,steps,lr,margin", [
-    ("llama", "psoft", "train.jsonl", 24, 2e-2, 0.15),
-    ("qwen2", "oft", "train.jsonl", 24, 2e-2, 0.08),
-    ("gpt2", "psoft", "prompt_completion.jsonl", 24, 2e-2, 0.15),
-    ("bert", "psoft", "classify.jsonl", 24, 1e-1, 0.05),
-])
+@pytest.mark.parametrize(
+    "model,method,data,steps,lr,margin",
+    [
+        ("llama", "psoft", "train.jsonl", 24, 2e-2, 0.15),
+        ("qwen2", "oft", "train.jsonl", 24, 2e-2, 0.08),
+        ("gpt2", "psoft", "prompt_completion.jsonl", 24, 2e-2, 0.15),
+        ("bert", "psoft", "classify.jsonl", 24, 1e-1, 0.05),
+    ],
+)
 def test_loss_falls(tmp_path, model, method, data, steps, lr, margin):
     """The fixtures are untrained (uniform next-token loss ~ ln 1000); margins are about half the measured fall."""
-    _, summary, history = run(tmp_path, model, data, method=method, steps=steps, lr=lr, rank=32, block_size=16,
-                              warmup=0.0)
+    _, summary, history = run(
+        tmp_path, model, data, method=method, steps=steps, lr=lr, rank=32, block_size=16, warmup=0.0
+    )
     first, last = mean_loss(history, slice(0, 4)), mean_loss(history, slice(-4, None))
     assert first - last >= margin, (
         f"{model} {method} on {data}: mean loss of the first 4 steps {first:.4f}, last 4 {last:.4f}; "
-        f"expected a fall of at least {margin} in {steps} steps")
+        f"expected a fall of at least {margin} in {steps} steps"
+    )
 
 
 def test_adapter_directory_contents(tmp_path):
     out, summary, _ = run(tmp_path, steps=3, rank=8)
     names = {p.name for p in out.iterdir()}
-    assert names == {"adapter_config.json", "adapter_model.safetensors", "psoft_export.json", "psoft_export.safetensors",
-                     "decomposition", "train_log.jsonl", "loss.png", "checkpoints", ".psoft-export"}, names
+    assert names == {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "psoft_export.json",
+        "psoft_export.safetensors",
+        "decomposition",
+        "train_log.jsonl",
+        "loss.png",
+        "checkpoints",
+        ".psoft-export",
+    }, names
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-0000003.pt"], "the final state is kept"
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [h["step"] for h in log] == [1, 2, 3]
@@ -116,13 +130,18 @@ def test_non_finite_loss_stops_with_a_clear_message(tmp_path):
 
 # ------------------------------------------------------------------------------------------- PEFT both ways
 
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Adapters written by us (3 steps, then parameters randomized so the test is not vacuous)."""
     made = {}
     root = tmp_path_factory.mktemp("trained")
-    for model, method, cayley in [("llama", "psoft", "exact"), ("qwen2", "psoft", "neumann"),
-                                  ("llama", "oft", "exact"), ("qwen2", "oft", "neumann")]:
+    for model, method, cayley in [
+        ("llama", "psoft", "exact"),
+        ("qwen2", "psoft", "neumann"),
+        ("llama", "oft", "exact"),
+        ("qwen2", "oft", "neumann"),
+    ]:
         cfg = TrainConfig(**{**FAST, "steps": 2, "rank": 16, "block_size": 16, "method": method, "cayley": cayley})
         out = root / f"{model}-{method}-{cayley}"
         train(MODELS / model, DATA / "train.jsonl", out, cfg)
@@ -134,8 +153,15 @@ def trained(tmp_path_factory):
     return made
 
 
-@pytest.mark.parametrize("key", [("llama", "psoft", "exact"), ("qwen2", "psoft", "neumann"),
-                                 ("llama", "oft", "exact"), ("qwen2", "oft", "neumann")])
+@pytest.mark.parametrize(
+    "key",
+    [
+        ("llama", "psoft", "exact"),
+        ("qwen2", "psoft", "neumann"),
+        ("llama", "oft", "exact"),
+        ("qwen2", "oft", "neumann"),
+    ],
+)
 def test_peft_loads_our_adapter_with_our_outputs(trained, key):
     out, ours = trained[key]
     model = key[0]
@@ -160,8 +186,10 @@ def test_sign_alignment_is_what_makes_peft_agree(trained):
     assert flips > 0, "no sign flip between our lowrank subspace and PEFT's full SVD: the test would be vacuous"
 
 
-@pytest.mark.parametrize("model,kind", [("llama", "psoft-exact"), ("qwen2", "psoft-neumann"),
-                                        ("llama", "oft-exact"), ("qwen2", "oft-neumann")])
+@pytest.mark.parametrize(
+    "model,kind",
+    [("llama", "psoft-exact"), ("qwen2", "psoft-neumann"), ("llama", "oft-exact"), ("qwen2", "oft-neumann")],
+)
 def test_we_load_peft_adapters(tmp_path, model, kind):
     method, cayley = kind.split("-")
     base = AutoModelForCausalLM.from_pretrained(MODELS / model).eval()

@@ -14,7 +14,6 @@ import copy
 import numpy as np
 import pytest
 
-from tests.golden import ADAPTERS
 from psoft_export.merge import merge
 from psoft_export.models import fixed_inputs, reference_model, torch_outputs
 from psoft_export.models import masked as _masked
@@ -22,6 +21,7 @@ from psoft_export.rounded import WEIGHT_CHECKS
 from psoft_export.verification import ROUNDED_REFERENCE, RUNTIMES, TOLERANCES, read_export
 from psoft_export.verify import verify
 from tests.conftest import MODELS, require
+from tests.golden import ADAPTERS
 
 MODEL, CASE = MODELS / "llama", "llama-psoft"
 DAMAGED = "model.layers.0.mlp.down_proj.weight"  # an adapted weight
@@ -75,7 +75,8 @@ def test_rounded_reference_fails_a_damaged_float16_export_the_fixed_bar_passes(t
     logits, weights, bar = old_check(out, to, "float16")
     assert logits <= bar and weights <= bar, (
         f"the old check should pass the damaged export (logits {logits:.2e}, weights {weights:.2e}, bar {bar:.0e}): "
-        "else this test shows nothing")
+        "else this test shows nothing"
+    )
     assert logits < 3 * precision["rel_err"], "the damage hides inside float16's own error on the logits"
     report = verify(out, MODEL, ADAPTERS / CASE)
     assert not report.ok, f"the rounded reference must fail the damaged export: {report.lines()}"
@@ -88,7 +89,8 @@ def test_float32_logits_equal_the_rounded_reference(tmp_path):
     report = merge(MODEL, ADAPTERS / CASE, tmp_path / "out", "safetensors", dtype="bfloat16")["verification"]
     assert report["ok"] and report["outputs"]["logits"]["rel_err"] <= 1e-5, report
     assert report["precision"]["rel_err"] > 10 * report["outputs"]["logits"]["rel_err"], (
-        "bfloat16 costs precision against the float32 model, and the rounded reference accounts for all of it")
+        "bfloat16 costs precision against the float32 model, and the rounded reference accounts for all of it"
+    )
 
 
 def test_verification_frees_the_reference_before_loading_the_export(tmp_path, monkeypatch):

@@ -25,17 +25,24 @@ def lora_form(model: nn.Module, lora_rank: Optional[int] = None) -> tuple[dict, 
     psoft = [l for l in layers.values() if isinstance(l, PsoftLinear)]
     if psoft and lora_rank is None:
         with torch.no_grad():
-            return {n: tuple(t.detach().float() for t in l.lora_factors()) for n, l in layers.items()}, \
-                float(psoft[0].config.alpha), {}
+            return (
+                {n: tuple(t.detach().float() for t in l.lora_factors()) for n, l in layers.items()},
+                float(psoft[0].config.alpha),
+                {},
+            )
     if lora_rank is None:
-        raise UserInputError("OFT's update is full rank and this target only takes LoRA adapters: pass "
-                             "--lora-rank K for a truncated-SVD approximation (its error is reported), or export merged")
+        raise UserInputError(
+            "OFT's update is full rank and this target only takes LoRA adapters: pass "
+            "--lora-rank K for a truncated-SVD approximation (its error is reported), or export merged"
+        )
     factors, errors = {}, {}
     with torch.no_grad():
         for name, layer in layers.items():
             delta = layer.delta_weight().double()
             if not 0 < lora_rank <= min(delta.shape):
-                raise UserInputError(f"--lora-rank {lora_rank} does not fit {name} {tuple(delta.shape)}: choose 1..{min(delta.shape)}")
+                raise UserInputError(
+                    f"--lora-rank {lora_rank} does not fit {name} {tuple(delta.shape)}: choose 1..{min(delta.shape)}"
+                )
             U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
             B, A = U[:, :lora_rank] * S[:lora_rank], Vh[:lora_rank]
             errors[name] = float(torch.linalg.norm(delta - B @ A) / torch.linalg.norm(delta).clamp_min(1e-30))

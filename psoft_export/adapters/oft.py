@@ -134,8 +134,10 @@ class OftLinear(nn.Module):
         if self.merged:
             return
         if is_quantized(self.base_layer):
-            raise UserInputError("cannot merge into a quantized base layer in place: merge the adapter into the "
-                                 "float model (psoft-export merge folds it into the dequantized weights)")
+            raise UserInputError(
+                "cannot merge into a quantized base layer in place: merge the adapter into the "
+                "float model (psoft-export merge folds it into the dequantized weights)"
+            )
         self._check_invertible()
         W = weight_out_in(self.base_layer)
         W.copy_(self.merged_weight().to(W.dtype))

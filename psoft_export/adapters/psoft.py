@@ -113,7 +113,8 @@ class PsoftLinear(nn.Module):
         if tuple(A.shape) != (r, self.in_features) or tuple(B.shape) != (self.out_features, r):
             raise UserInputError(
                 f"factors for {name or 'layer'} have shapes A{tuple(A.shape)} B{tuple(B.shape)}, expected "
-                f"A({r}, {self.in_features}) B({self.out_features}, {r}): the decomposition is for another model or rank"
+                f"A({r}, {self.in_features}) B({self.out_features}, {r}): "
+                "the decomposition is for another model or rank"
             )
         device = base_layer.weight.device
         dtype = cay.compute_dtype(base_layer.weight.dtype)
@@ -165,7 +166,7 @@ class PsoftLinear(nn.Module):
         return core @ self.A, self.B.clone()
 
     def _fusable(self) -> bool:
-        """The fused node needs frozen ``A``, ``B`` and no active dropout (the adapter path then sees the base's ``x``)."""
+        """The fused node needs frozen ``A``, ``B`` and no active dropout (the adapter path sees the base's ``x``)."""
         if self.path == "autograd" or self.A.requires_grad or self.B.requires_grad:
             return False
         return isinstance(self.dropout, nn.Identity) or not self.training or self.dropout.p == 0

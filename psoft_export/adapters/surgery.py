@@ -134,8 +134,10 @@ def inject(
     if isinstance(config, OftConfig):
         _check_block_size(model, names, config.block_size)
     elif any(is_quantized(model.get_submodule(n)) for n in names):
-        raise UserInputError("PSOFT over a quantized base is not supported (its subspace needs the original weights): "
-                             "use --method oft with --quantize")
+        raise UserInputError(
+            "PSOFT over a quantized base is not supported (its subspace needs the original weights): "
+            "use --method oft with --quantize"
+        )
     layers: dict[str, nn.Module] = {}
     for name in names:  # build every layer first: a bad target leaves the model untouched
         base = model.get_submodule(name)
@@ -161,8 +163,10 @@ def _check_block_size(model: nn.Module, names: list[str], block: int) -> None:
     common = math.gcd(*widths.values())
     fits = ", ".join(map(str, fitting_block_sizes(common, block))) or "none (no common divisor >= 2)"
     shown = ", ".join(failing[:3]) + (f" and {len(failing) - 3} more" if len(failing) > 3 else "")
-    raise UserInputError(f"block size {block} does not divide the input size of {len(failing)} target layer(s): "
-                         f"{shown}; block sizes that fit every target: {fits}")
+    raise UserInputError(
+        f"block size {block} does not divide the input size of {len(failing)} target layer(s): "
+        f"{shown}; block sizes that fit every target: {fits}"
+    )
 
 
 def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
@@ -195,7 +199,9 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def fold_weight(weight: torch.Tensor, fan_in_fan_out: bool, make_layer: Callable[[nn.Module], nn.Module]) -> torch.Tensor:
+def fold_weight(
+    weight: torch.Tensor, fan_in_fan_out: bool, make_layer: Callable[[nn.Module], nn.Module]
+) -> torch.Tensor:
     """:func:`merge_and_unload` for one weight, without the model (streamed exports).
 
     ``weight`` ``(out, in)`` (``(in, out)`` when ``fan_in_fan_out``, GPT-2's ``Conv1D``) becomes the base of the

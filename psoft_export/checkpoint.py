@@ -12,7 +12,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from psoft_export.errors import UserInputError
-from psoft_export.stored import StoredMatrix, unmap_freed_tensors  # noqa: F401  (unmap: re-exported)
+from psoft_export.stored import StoredMatrix, read_into, unmap_freed_tensors  # noqa: F401  (unmap: re-exported)
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -125,11 +125,8 @@ class ModelSource:
         out = torch.empty(shape, dtype=dtype)
         if out.numel() * out.element_size() != nbytes:
             raise UserInputError(f"{self.dir / file}: {key} claims {nbytes} bytes for shape {shape} {dtype_name}")
-        if nbytes:
-            with open(self.dir / file, "rb") as f:
-                f.seek(offset)
-                if f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) != nbytes:
-                    raise UserInputError(f"{self.dir / file} is truncated at {key}: re-download or re-save the model")
+        if not read_into(self.dir / file, offset, out):
+            raise UserInputError(f"{self.dir / file} is truncated at {key}: re-download or re-save the model")
         return out if device == "cpu" else out.to(device)
 
     def resolve(self, module_name: str, base_prefix: str = "") -> str:

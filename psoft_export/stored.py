@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from psoft_export.errors import UserInputError
+
 
 def unmap_freed_tensors() -> None:
     """Have glibc serve every block of 1 MiB or more by ``mmap`` and unmap it on free. By default glibc raises its
@@ -25,6 +27,17 @@ def unmap_freed_tensors() -> None:
         ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD (fixing it also stops the dynamic raise)
     except (OSError, AttributeError):
         pass
+
+
+def read_into(path: Path, offset: int, out: torch.Tensor) -> bool:
+    """Fill the fresh tensor ``out`` with the file's bytes at ``offset`` (one read, no second copy); ``False`` when
+    the file ends first. A fresh torch allocation is aligned like any parameter (see ``ModelSource.tensor``)."""
+    nbytes = out.numel() * out.element_size()
+    if not nbytes:
+        return True
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy())) == nbytes
 
 
 _RAW = {1: (np.int8, torch.int8), 2: (np.int16, torch.int16), 4: (np.int32, torch.int32), 8: (np.int64, torch.int64)}
@@ -53,6 +66,7 @@ class StoredMatrix:
             transposed,
         )
         self.shape = torch.Size(self.stored[::-1] if transposed else self.stored)
+        self.itemsize = torch.empty(0, dtype=dtype).element_size()
 
     @property
     def T(self) -> "StoredMatrix":
@@ -65,10 +79,8 @@ class StoredMatrix:
         """Stored rows ``start:stop``: one read straight into a fresh (aligned) tensor."""
         cols = self.stored[1]
         out = torch.empty(stop - start, cols, dtype=self.dtype)
-        size = out.element_size()
-        with open(self.path, "rb") as f:
-            f.seek(self.offset + start * cols * size)
-            f.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+        if not read_into(self.path, self.offset + start * cols * self.itemsize, out):
+            raise UserInputError(f"{self.path} is truncated: re-download or re-save the model")
         return out
 
     def _bands(self):
@@ -110,8 +122,8 @@ class StoredMatrix:
             return G
         # self^T self = S S^T: bands of stored columns, one short read per stored row (os.preadv into the band),
         # bands of about STREAM_BYTES: this pass runs before the eigendecomposition, whose 4 n^2 is the peak.
-        np_raw, torch_raw = _RAW[torch.empty(0, dtype=self.dtype).element_size()]
-        size = torch.empty(0, dtype=self.dtype).element_size()
+        np_raw, torch_raw = _RAW[self.itemsize]
+        size = self.itemsize
         G = torch.zeros(rows, rows, dtype=dtype)
         step = max(1, STREAM_BYTES // (size * max(rows, 1)))
         fd = os.open(self.path, os.O_RDONLY)
@@ -133,7 +145,7 @@ class StoredMatrix:
         rows, cols = self.stored
         h = hashlib.sha256(f"{self.dtype}|{tuple(self.stored)}|".encode())
         finite, frob2 = True, 0.0
-        step = max(1, STREAM_BYTES // max(1, cols * torch.empty(0, dtype=self.dtype).element_size()))
+        step = max(1, STREAM_BYTES // max(1, cols * self.itemsize))
         for start in range(0, rows, step):
             slab = self._read(start, min(start + step, rows))
             h.update(slab.reshape(-1).view(torch.uint8).numpy())

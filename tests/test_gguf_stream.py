@@ -8,7 +8,6 @@ same modules (see tests/test_stream.py).
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -21,7 +20,7 @@ from psoft_export.merge import _merged, merge
 from psoft_export.verify import reference_model
 from tests.conftest import MODELS, ROOT
 from tests.golden import ADAPTERS
-from tests.test_stream import MB, big_model, peft_only, resave
+from tests.test_stream import assert_streamed_peak, peft_only, resave
 
 CASES = {"llama-psoft": "llama", "qwen2-psoft": "qwen2", "llama-oft": "llama"}
 TYPES = {"float32": ("float32", None), "float16": ("float16", None), "q8_0": ("float32", "q8_0")}
@@ -102,21 +101,4 @@ def peak_rss_mb(*args: str) -> float:
 
 
 def test_peak_memory_is_one_tensor_not_the_model(tmp_path):
-    from safetensors.torch import load_file
-
-    model_dir, adapter = big_model(tmp_path)
-    weights = sorted(model_dir.glob("*.safetensors"))
-    total, shard = sum(p.stat().st_size for p in weights), max(p.stat().st_size for p in weights)
-    largest = max(t.numel() * t.element_size() for p in weights for t in load_file(p).values())
-    adapter_size = sum(p.stat().st_size for p in adapter.iterdir() if p.is_file())
-    # one tensor's working set: the float32 read, OFT's einsum operands and output, the rope permutation, the f16 copy
-    bound = shard + 4 * largest + adapter_size
-    assert total > 2.5 * bound, "the model is too small for the test to tell streaming from an in-memory merge"
-    baseline = peak_rss_mb("baseline")
-    peak = peak_rss_mb("merge", str(model_dir), str(adapter), str(tmp_path / "out"))
-    assert json.loads((tmp_path / "out" / "export.json").read_text())["streamed"]
-    assert peak - baseline <= bound / MB, (
-        f"streamed GGUF merge peak RSS {peak:.0f} MiB - baseline {baseline:.0f} MiB = {peak - baseline:.0f} MiB > "
-        f"bound {bound / MB:.0f} MiB (largest shard {shard / MB:.0f} + 4 x largest tensor {largest / MB:.0f} + adapter "
-        f"{adapter_size / MB:.1f}); the model is {total / MB:.0f} MiB"
-    )
+    assert_streamed_peak(tmp_path, peak_rss_mb, "streamed GGUF merge")

@@ -29,7 +29,9 @@ What llama.cpp (as vendored by llama-cpp-python 0.3.36) expects, and how this mo
   tensor of per-frequency divisors (llama.cpp has no llama3 scaling key); other types are refused.
 - Runtime: llama-cpp-python keeps logits only with ``logits_all=True``. Its default F16 KV cache limits
   agreement with float32 torch to about 1e-3 relative; with the F32 KV cache ``run_logits`` asks for, a
-  float32 file agrees to about 4e-7.
+  float32 file agrees to about 4e-7. ``run_logits`` also turns off llama.cpp's extra buffer types (its
+  runtime weight repacking): on CPUs with AMX (Sapphire Rapids and later, CI's among them) the AMX repack
+  of Q8_0 tensors this small segfaults in ``llama_decode``; without it the same file evaluates normally.
 
 Checked against llama.cpp's own ``convert_hf_to_gguf.py`` (tests, ``--runslow``): same tensors bit for bit
 and the same tokenizer and hyper-parameter keys; it adds only ``general.name``/``size_label`` and
@@ -42,6 +44,7 @@ bfloat16 (we read through torch); ``GGUFWriter.add_tensor_info`` reads a ``uint8
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -549,21 +552,42 @@ def _import_llama_cpp():
     return llama_cpp
 
 
+@contextlib.contextmanager
+def _no_weight_repacking(llama_cpp):
+    """``Llama(...)`` built inside loads with ``use_extra_bufts = False`` (llama.cpp's ``--no-repack``), which
+    ``Llama`` has no argument for: its model parameters come from ``llama_model_default_params``, wrapped here
+    for the duration of the call (see the module docstring: AMX repacking segfaults on small Q8_0 tensors)."""
+    low = llama_cpp.llama_cpp
+    default = low.llama_model_default_params
+
+    def params():
+        value = default()
+        value.use_extra_bufts = False
+        return value
+
+    low.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        low.llama_model_default_params = default
+
+
 def run_logits(gguf_path: Path, token_ids: list[int], lora_path: Path | None = None) -> np.ndarray:
     """llama.cpp's logits ``(n_tokens, vocab)`` float32 for ``token_ids`` (one sequence, no sampling),
     optionally with a LoRA adapter GGUF applied at scale 1. Uses an F32 KV cache (see module docstring)."""
     llama_cpp = _import_llama_cpp()
-    llm = llama_cpp.Llama(
-        model_path=str(gguf_path),
-        lora_path=None if lora_path is None else str(lora_path),
-        logits_all=True,
-        n_ctx=max(64, len(token_ids)),
-        n_batch=max(64, len(token_ids)),
-        n_threads=2,
-        type_k=llama_cpp.GGML_TYPE_F32,
-        type_v=llama_cpp.GGML_TYPE_F32,
-        verbose=False,
-    )
+    with _no_weight_repacking(llama_cpp):
+        llm = llama_cpp.Llama(
+            model_path=str(gguf_path),
+            lora_path=None if lora_path is None else str(lora_path),
+            logits_all=True,
+            n_ctx=max(64, len(token_ids)),
+            n_batch=max(64, len(token_ids)),
+            n_threads=2,
+            type_k=llama_cpp.GGML_TYPE_F32,
+            type_v=llama_cpp.GGML_TYPE_F32,
+            verbose=False,
+        )
     try:
         llm.eval(list(token_ids))
         return np.array(llm.scores[: llm.n_tokens], dtype=np.float32)

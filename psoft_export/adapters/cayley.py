@@ -50,12 +50,14 @@ def cayley(Q: torch.Tensor) -> torch.Tensor:
     Orthogonal for any skew-symmetric ``Q`` (``I - Q`` is always invertible). The solve runs in float64 and
     the result is rounded to float32 (float64 input stays float64): a float32 solve leaves
     ``||R^T R - I||_F`` at 1e-6..4e-5 for n = 33..512, the float64 one below 1e-6 (see docs/adapters.md).
-    ``n x n`` solves are cheap next to the layers they feed.
+    ``n x n`` solves are cheap next to the layers they feed. ``solve_ex`` without its error check: on CUDA,
+    ``linalg.solve`` checks LAPACK's status on the host, a device sync in every adapted layer's forward and
+    backward (``I - Q`` cannot be singular, so there is nothing to check).
     """
     out_dtype = compute_dtype(Q.dtype)
     Q = Q.to(torch.float64)
     eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
-    return torch.linalg.solve(eye - Q, eye + Q, left=False).to(out_dtype)
+    return torch.linalg.solve_ex(eye - Q, eye + Q, left=False, check_errors=False).result.to(out_dtype)
 
 
 @functools.lru_cache(maxsize=32)

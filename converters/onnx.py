@@ -56,6 +56,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from psoft_export import models
 from psoft_export.adapters.layout import features, is_linear
 from psoft_export.errors import PsoftExportError, UserInputError
 
@@ -126,13 +127,6 @@ def _optimum_tasks(model_type: str) -> list[str]:
     return list(TasksManager.get_supported_tasks_for_model_type(model_type, "onnx", library_name="transformers"))
 
 
-def _load_model(model_dir: Path, task: str, dtype: torch.dtype = torch.float32) -> nn.Module:
-    from optimum.exporters.tasks import TasksManager
-
-    cls = TasksManager.get_model_class_for_task(task, framework="pt", library="transformers")
-    return cls.from_pretrained(model_dir, dtype=dtype).eval()
-
-
 def _export(model: nn.Module, model_dir: Path, out_dir: Path, task: str) -> None:
     from optimum.exporters.onnx import onnx_export_from_model
 
@@ -154,7 +148,7 @@ def export_merged(model_dir: Path, out_dir: Path, task: str | None = None, dtype
     config = read_config(model_dir)
     task = resolve_task(config, task)
     out_dir = Path(out_dir)
-    _export(_load_model(Path(model_dir), task, DTYPES[dtype]), Path(model_dir), out_dir, task)
+    _export(models.load_for_task(Path(model_dir), task, DTYPES[dtype]), Path(model_dir), out_dir, task)
     return {
         "path": str(out_dir / MODEL_FILE),
         "model_type": config["model_type"],
@@ -308,7 +302,7 @@ def export_split(
         raise UserInputError("export_split needs lora_targets or oft_targets; use export_merged for a plain model")
     config = read_config(model_dir)
     task = resolve_task(config, task)
-    model = _load_model(Path(model_dir), task)
+    model = models.load_for_task(Path(model_dir), task)
     slots = wrap_targets(model, lora_targets, oft_targets)
     out_dir = Path(out_dir)
     _export(model, Path(model_dir), out_dir, task)

@@ -9,11 +9,12 @@ Beside those files it holds:
 - ``psoft_export.safetensors``: our trainable tensors in our basis (``<module>.q``, ``.vector_a``, ``.vector_b``);
 - ``psoft_export.json``: the method, its configuration, targets, task, classes and training summary.
 
-The portability trap (METHODS.md §7): PEFT rebuilds ``A``, ``B`` by SVD at load, and singular vectors come with
-arbitrary signs. When writing the PEFT tensors we therefore run the SVD PEFT will run (full, float32, this
-machine), find the basis change ``O`` between its subspace and ours (``A_peft = O A_ours``, a signed identity in
-practice) and store ``Q' = O Q O^T``: the function PEFT rebuilds is the one we trained. A PEFT directory without
-our files is read as PEFT would read it (subspace recomputed by PEFT's algorithm, OFT's exact-mode sign flipped).
+The portability trap (docs/adapters.md, PEFT interop traps): PEFT rebuilds ``A``, ``B`` by SVD at load, and singular
+vectors come with arbitrary signs. When writing the PEFT tensors we therefore run the SVD PEFT will run (full,
+float32, this machine), find the basis change ``O`` between its subspace and ours (``A_peft = O A_ours``, a signed
+identity in practice) and store ``Q' = O Q O^T``: the function PEFT rebuilds is the one we trained. A PEFT directory
+without our files is read as PEFT would read it (subspace recomputed by PEFT's algorithm, OFT's exact-mode sign
+flipped).
 """
 
 from __future__ import annotations

@@ -1,5 +1,7 @@
-"""The models every command compares against: the base of an adapter, its kind, the reference with the adapter,
-the fixed inputs and the outputs read from them. One loader for merge, verify and the converters' checks.
+"""The one model loader: an adapter's kind, its base (float32, or 4-bit as trained), the base ``train`` adapts, the
+model optimum exports for a task, the reference with the adapter, the fixed inputs and the outputs read from them.
+Train, merge, verify and the converters load models here (tests/test_architecture.py: no other module calls a model
+class's ``from_pretrained``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ import torch
 from torch import nn
 
 from psoft_export import adapter_io, quantized
-from psoft_export.checkpoint import load_tokenizer, loading_kwargs
+from psoft_export.checkpoint import load_config, load_tokenizer, loading_kwargs
+from psoft_export.errors import UserInputError
 
 # Model types whose base is an encoder: trained as classifiers, verified on hidden states.
 ENCODERS = ("bert", "roberta", "deberta", "deberta-v2", "distilbert", "electra", "xlm-roberta")
@@ -25,8 +28,6 @@ DEFAULT_TEXTS = [
 
 def model_kind(model_dir: Path, adapter_dir: Path) -> tuple[str, Optional[list]]:
     """``causal``, ``classify`` or ``encoder`` and the class list, from the adapter and the model config."""
-    from psoft_export.checkpoint import load_config
-
     meta = adapter_io.read_meta(adapter_dir)
     if meta is not None:
         return meta["task"] if meta["task"] != "completion" else "causal", meta.get("classes")
@@ -37,26 +38,103 @@ def model_kind(model_dir: Path, adapter_dir: Path) -> tuple[str, Optional[list]]
     return ("encoder" if config.model_type in ENCODERS else "causal"), None
 
 
+def _auto_class(kind: str):
+    """The transformers auto class of ``kind``: a sequence classifier, a bare encoder, else a causal LM."""
+    import transformers
+
+    name = {"classify": "AutoModelForSequenceClassification", "encoder": "AutoModel"}.get(kind, "AutoModelForCausalLM")
+    return getattr(transformers, name)
+
+
 def load_base(
-    model_dir: Path, kind: str, classes: Optional[list], adapter_dir: Optional[Path] = None, allow_pickle: bool = False
+    model_dir: Path,
+    kind: str,
+    classes: Optional[list],
+    adapter_dir: Optional[Path] = None,
+    allow_pickle: bool = False,
+    quantize: Optional[str] = None,
+    dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
-    """The float32 base model of ``kind`` (a classifier sized by the adapter's classes or saved head)."""
-    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+    """The float32 base model of ``kind`` (a classifier sized by the adapter's classes or saved head). With
+    ``quantize`` (an adapter's recorded scheme): the base loaded 4-bit on the CPU as ``train --quantize`` loads it,
+    computing in ``dtype``, bitsandbytes' lossy CPU repack off (``quantized.prepare_model``)."""
     from transformers.utils import logging
 
     logging.set_verbosity_error()  # the new head's "newly initialized" warning: the adapter supplies it
-    safe = loading_kwargs(model_dir, allow_pickle)
-    if kind == "classify":
-        labels = len(classes) if classes else adapter_io.saved_labels(adapter_dir)
-        model = AutoModelForSequenceClassification.from_pretrained(
-            model_dir, num_labels=labels, dtype=torch.float32, **safe
-        )
-        _name_classes(model, classes)
-    elif kind == "encoder":
-        model = AutoModel.from_pretrained(model_dir, dtype=torch.float32, **safe)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **safe)
+    kwargs = {**loading_kwargs(model_dir, allow_pickle), **quantized.load_kwargs(quantize, dtype, "cpu")}
+    extra = (
+        {"num_labels": len(classes) if classes else adapter_io.saved_labels(adapter_dir)} if kind == "classify" else {}
+    )
+    model = _auto_class(kind).from_pretrained(model_dir, dtype=dtype, **extra, **kwargs)
+    _name_classes(model, classes if kind == "classify" else None)
+    if quantize:
+        quantized.prepare_model(model)
     return model.eval()
+
+
+def load_trainable(
+    model_dir: Path,
+    kind: str,
+    classes: Optional[list],
+    dtype: Optional[torch.dtype],
+    device: str,
+    safe: dict,
+    quantize: Optional[str] = None,
+    pad_token_id: Optional[int] = None,
+) -> tuple[nn.Module, list[str]]:
+    """The base ``train`` adapts, on ``device`` in ``dtype`` (None: float32), 4-bit with ``quantize``; ``kind``
+    ``classify`` (a classifier of ``len(classes)`` labels, ``pad_token_id`` set where the config has none) or
+    language-modelling data (a causal LM). ``safe``: ``checkpoint.loading_kwargs``. Also the modules the checkpoint
+    lacked, in float32: a classifier's new head and, from a base-model checkpoint (``BertModel``), the pooler; they
+    are trained and saved with the adapter. Refuses an encoder on language-modelling data and a causal checkpoint
+    without its LM head."""
+    from transformers.utils import logging
+
+    config = load_config(model_dir)
+    base_dtype = dtype if dtype is not None else torch.float32
+    kwargs = {**safe, **quantized.load_kwargs(quantize, base_dtype, device, kind)}  # QOFT: a 4-bit base
+    if kind != "classify" and config.model_type in ENCODERS:
+        raise UserInputError(
+            f'{model_dir} is an encoder ({config.model_type}): train it on {{"text", "label"}} data '
+            "(sequence classification), not language-modelling text"
+        )
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity_error()  # "newly initialized ...": judged below, with a message that says what to do
+    try:
+        extra = {"num_labels": len(classes)} if kind == "classify" else {}
+        model, info = _auto_class("classify" if kind == "classify" else "causal").from_pretrained(
+            model_dir, dtype=base_dtype, output_loading_info=True, **extra, **kwargs
+        )
+    finally:
+        logging.set_verbosity(verbosity)
+    if kind == "classify":
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = pad_token_id
+        heads = sorted({k.rsplit(".", 1)[0] for k in info["missing_keys"]})
+        heads = [h for h in heads if not any(h.startswith(o + ".") for o in heads)]
+    else:
+        if info["missing_keys"]:  # e.g. a LlamaModel checkpoint with untied embeddings: no LM head to adapt
+            arch = (getattr(config, "architectures", None) or [config.model_type])[0]
+            raise UserInputError(
+                f"{model_dir} ({arch}) has no {info['missing_keys'][0]}: language-model training would start from a "
+                "random output layer; use the checkpoint with its LM head (...ForCausalLM), or train a classifier "
+                'on {"text", "label"} data'
+            )
+        heads = []
+    for head in heads:
+        model.get_submodule(head).float()
+    if quantize:  # placed by device_map already (bitsandbytes models refuse .to)
+        quantized.prepare_model(model)
+        return model, heads
+    return model.to(device), heads
+
+
+def load_for_task(model_dir: Path, task: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model optimum exports for ``task`` (its ``TasksManager`` class for the task), in ``dtype``, eval."""
+    from optimum.exporters.tasks import TasksManager
+
+    cls = TasksManager.get_model_class_for_task(task, framework="pt", library="transformers")
+    return cls.from_pretrained(model_dir, dtype=dtype).eval()
 
 
 def _name_classes(model: nn.Module, classes: Optional[list]) -> None:
@@ -68,24 +146,15 @@ def _name_classes(model: nn.Module, classes: Optional[list]) -> None:
 def base_skeleton(model_dir: Path, kind: str, classes: Optional[list], adapter_dir: Optional[Path] = None) -> nn.Module:
     """:func:`load_base`'s model on the meta device: the same class, config and generation config, no weights
     (module names, shapes and tied parameters for a streamed export)."""
-    from transformers import (
-        AutoConfig,
-        AutoModel,
-        AutoModelForCausalLM,
-        AutoModelForSequenceClassification,
-        GenerationConfig,
-    )
-
-    from psoft_export.checkpoint import load_config
+    from transformers import AutoConfig, GenerationConfig
 
     load_config(model_dir)  # a damaged config.json is one line
     extra = (
         {"num_labels": len(classes) if classes else adapter_io.saved_labels(adapter_dir)} if kind == "classify" else {}
     )
     config = AutoConfig.from_pretrained(model_dir, **extra)
-    auto = {"classify": AutoModelForSequenceClassification, "encoder": AutoModel}.get(kind, AutoModelForCausalLM)
     with torch.device("meta"):
-        model = auto.from_config(config, dtype=torch.float32)
+        model = _auto_class(kind).from_config(config, dtype=torch.float32)
     _name_classes(model, classes if kind == "classify" else None)
     if model.can_generate() and (Path(model_dir) / "generation_config.json").is_file():  # as from_pretrained does
         model.generation_config = GenerationConfig.from_pretrained(model_dir)

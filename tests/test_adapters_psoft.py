@@ -212,7 +212,7 @@ def row_gram(W: torch.Tensor) -> torch.Tensor:
 
 
 def test_geometry_preserved_in_strict_mode():
-    """psoft init, no vectors, exact Cayley: W' W'^T == W W^T (METHODS §6), checked in float64."""
+    """psoft init, no vectors, exact Cayley: W' W'^T == W W^T (docs/adapters.md, geometry invariant), in float64."""
     torch.manual_seed(1)
     base = nn.Linear(32, 20).double()
     layer = PsoftLinear(base, PsoftConfig(rank=8, vector_a=False, vector_b=False, cayley="exact"))

@@ -1,4 +1,5 @@
-"""The module map of docs/architecture.md, checked: who may import whom, no import cycles, module sizes.
+"""The module map of docs/architecture.md, checked: who may import whom, no import cycles, module sizes, and one
+model loader.
 
 Imports are read from the source (``ast``), at every level (a function-level import is still a dependency).
 """
@@ -140,3 +141,43 @@ def test_the_rules_catch_a_cycle_and_a_verb_import():
         GRAPH["psoft_export.subspace"].discard("psoft_export.checkpoint")
         GRAPH["psoft_export.checkpoint"].discard("psoft_export.subspace")
         GRAPH["psoft_export.train"].discard("psoft_export.merge")
+
+
+# The one model loader (docs/architecture.md): no other module calls a model class's ``from_pretrained``. Receivers
+# whose name says config or tokenizer (AutoConfig, GenerationConfig, AutoTokenizer) are not model classes.
+LOADER = "psoft_export/models.py"
+NOT_MODELS = ("Config", "Tokenizer")
+
+
+def model_loads(path: Path) -> list[str]:
+    """``receiver.from_pretrained`` calls in ``path`` whose receiver is not a config or tokenizer class."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "from_pretrained":
+            receiver = ast.unparse(node.func.value)
+            if not any(word in receiver for word in NOT_MODELS):
+                where = path.relative_to(ROOT) if ROOT in path.parents else path.name
+                found.append(f"{where}:{node.lineno} {receiver}.from_pretrained")
+    return found
+
+
+def test_only_models_py_loads_models():
+    paths = [p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py")) if str(p.relative_to(ROOT)) != LOADER]
+    found = [call for path in paths for call in model_loads(path)]
+    assert not found, f"models loaded outside {LOADER} (load them through it): {found}"
+    assert model_loads(ROOT / LOADER), f"{LOADER} loads no model: the check above reads nothing"
+
+
+def test_the_loader_check_catches_a_model_load(tmp_path):
+    planted = tmp_path / "planted.py"
+    planted.write_text(
+        "import transformers\n"
+        "from transformers import AutoModelForCausalLM, AutoTokenizer, AutoConfig\n"
+        "model = AutoModelForCausalLM.from_pretrained('m')\n"
+        "bert = transformers.BertModel.from_pretrained('m')\n"
+        "tok, config = AutoTokenizer.from_pretrained('m'), AutoConfig.from_pretrained('m')\n"
+    )
+    assert model_loads(planted) == [
+        "planted.py:3 AutoModelForCausalLM.from_pretrained",
+        "planted.py:4 transformers.BertModel.from_pretrained",
+    ]

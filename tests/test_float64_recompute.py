@@ -1,8 +1,8 @@
 """Both adapter layers against float64 recomputations that build R from the raw parameters themselves (issue 14).
 
 Nothing here calls the layer's own ``rotation()``/``rotation_blocks()``: the skew matrix, the Cayley transform or
-its Neumann series, the tunable vectors and the block layout are written out again from METHODS' formulas, so a
-bug in the code under test cannot also be in the reference.
+its Neumann series, the tunable vectors and the block layout are written out again from docs/adapters.md's formulas,
+so a bug in the code under test cannot also be in the reference.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Every example ends in one of two ways: the inputs are invalid and construction raises ``UserInputError`` (the
 condition is stated here, independently of the library), or the layer's forward, ``merge()`` and ``unmerge()`` agree
-with a float64 recompute written in this file from the METHODS formulas:
+with a float64 recompute written in this file from the formulas of docs/adapters.md:
 
 * PSOFT: ``y = x (W + s B (R - I) A)^T + bias`` with ``R = diag(b) C(Q) diag(a)``, ``s = alpha / r``; ``C`` exact is
   ``(I + Q)(I - Q)^{-1}`` (a float64 ``torch.linalg.solve``), Neumann is PEFT's polynomial

@@ -17,9 +17,9 @@ from psoft_export.errors import UserInputError
 def lora_form(model: nn.Module, lora_rank: Optional[int] = None) -> tuple[dict, float, dict]:
     """``({module: (A (r, in), B (out, r))}, alpha, approximation errors)`` of every adapter layer.
 
-    PSOFT is exact (METHODS.md §5: ``lora_A = (R - I) A``, ``lora_B = B``, ``alpha`` as trained). OFT needs
-    ``lora_rank``: the best rank-K approximation of ``W (R^T - I)`` (truncated SVD, scale 1), with its error
-    ``||dW - B A||_F / ||dW||_F`` per module.
+    PSOFT is exact (docs/adapters.md, the LoRA form: ``lora_A = (R - I) A``, ``lora_B = B``, ``alpha`` as trained).
+    OFT needs ``lora_rank``: the best rank-K approximation of ``W (R^T - I)`` (truncated SVD, scale 1), with its
+    error ``||dW - B A||_F / ||dW||_F`` per module.
     """
     layers = adapter_layers(model)
     psoft = [l for l in layers.values() if isinstance(l, PsoftLinear)]

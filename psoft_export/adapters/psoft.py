@@ -2,7 +2,7 @@
 
 Effective weight ``W + s B (R - I) A`` with ``s = alpha / r``; ``A`` ``(r, in)`` and ``B`` ``(out, r)`` are frozen
 buffers from the SVD (``psoft_export.subspace``), ``R = diag(vector_b) C(Q) diag(vector_a)`` is trained.
-See docs/METHODS (shared) §PSOFT for the math and PEFT's conventions.
+See docs/adapters.md (PSOFT) for the math and PEFT's conventions.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ LoRA adapter, and the llama.cpp runtime call that ``verify`` needs.
 What llama.cpp (as vendored by llama-cpp-python 0.3.36) expects, and how this module meets it:
 
 - Architectures: HF ``model_type`` ``llama`` and ``mistral`` load as GGUF arch ``llama``, ``qwen2`` as
-  ``qwen2``. Names follow the tables below (``token_embd``, ``blk.N.attn_q`` ...).
+  ``qwen2``. Names come from gguf-py's tensor-name map (``gguf.get_tensor_name_map``, the map llama.cpp's own
+  converter uses: ``model.layers.N.self_attn.q_proj`` -> ``blk.N.attn_q`` ...), read for the tensor kinds in
+  ``WRITTEN`` and for the names of a ``...ForCausalLM`` checkpoint only (see :func:`gguf_tensor`).
 - RoPE layout: llama.cpp runs the ``llama`` arch with "normal" (interleaved-pair) RoPE, while HF rotates
   the two halves of each head. Its converter therefore reorders the rows of ``q_proj``/``k_proj`` (and
   their biases) per head: ``[x_0..x_{d/2-1}, y_0..y_{d/2-1}] -> [x_0, y_0, x_1, y_1, ...]``; for ``k``
@@ -13,8 +15,12 @@ What llama.cpp (as vendored by llama-cpp-python 0.3.36) expects, and how this mo
 - Tied embeddings: ``output.weight`` is optional; when it is absent llama.cpp reuses ``token_embd``.
   We omit it when ``tie_word_embeddings`` is true (a duplicate would double the file for nothing).
 - Numpy shapes are written reversed as ggml ``ne``: an ``(out, in)`` weight becomes ``ne = [in, out]``.
-- Types: 1-D tensors (norms, biases) stay F32 in every file type, as llama.cpp's converter does. Q8_0
-  needs rows whose length is a multiple of 32; other 2-D tensors fall back to F16 (as llama.cpp does).
+- Types: 1-D tensors (norms, biases) stay F32 in every file type, as llama.cpp's converter does. Q8_0 and
+  Q4_0 need rows whose length is a multiple of 32; other 2-D tensors fall back to F16 (as llama.cpp's
+  converter does for Q8_0). Q4_0 files keep the output head (``output.weight``, or ``token_embd.weight``
+  when the head is tied) finer, as llama.cpp's ``llama-quantize`` does (``OUTPUT_TYPES``): it picks Q6_K
+  there when rows are a multiple of 256, else Q8_0; gguf-py cannot quantize Q6_K, so we write Q8_0 (finer
+  than Q6_K). An untied ``token_embd`` is Q4_0, as in ``llama-quantize``'s Q4_0 files.
 - Tokenizer: byte-level BPE as ``tokenizer.ggml.model = "gpt2"`` with tokens in their byte-level
   spelling (``Ġthe``), merges as ``"a b"`` strings, and ``tokenizer.ggml.pre`` naming the pre-tokenizer
   regex; llama.cpp refuses unknown ``pre`` names, and a wrong one silently changes tokenization, so we
@@ -46,6 +52,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import os
 import re
@@ -57,8 +64,10 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QType
 from gguf import GGUFReader, GGUFType, GGUFValueType, GGUFWriter, Keys, LlamaFileType, RopeScalingType, TokenType
-from gguf.constants import GGML_QUANT_SIZES, GGML_QUANT_VERSION
+from gguf.constants import GGML_QUANT_SIZES, GGML_QUANT_VERSION, MODEL_ARCH_NAMES
+from gguf.constants import MODEL_TENSOR as T
 from gguf.quants import quantize
+from gguf.tensor_mapping import TensorNameMap, get_tensor_name_map
 
 from psoft_export.checkpoint import ModelSource
 from psoft_export.errors import UserInputError
@@ -69,27 +78,17 @@ ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 # GGUF architectures whose q/k rows llama.cpp expects in interleaved-pair RoPE order.
 ROPE_PERMUTED_ARCHS = frozenset({"llama"})
 
-# HF module name -> GGUF tensor base name, one table per GGUF architecture; "{bid}" is the block index.
-LLAMA_NAMES = {
-    "model.embed_tokens": "token_embd",
-    "model.norm": "output_norm",
-    "lm_head": "output",
-    "model.layers.{bid}.input_layernorm": "blk.{bid}.attn_norm",
-    "model.layers.{bid}.self_attn.q_proj": "blk.{bid}.attn_q",
-    "model.layers.{bid}.self_attn.k_proj": "blk.{bid}.attn_k",
-    "model.layers.{bid}.self_attn.v_proj": "blk.{bid}.attn_v",
-    "model.layers.{bid}.self_attn.o_proj": "blk.{bid}.attn_output",
-    "model.layers.{bid}.post_attention_layernorm": "blk.{bid}.ffn_norm",
-    "model.layers.{bid}.mlp.gate_proj": "blk.{bid}.ffn_gate",
-    "model.layers.{bid}.mlp.up_proj": "blk.{bid}.ffn_up",
-    "model.layers.{bid}.mlp.down_proj": "blk.{bid}.ffn_down",
-}
-# Qwen2 has the Llama layout plus q/k/v biases (mapped by the same module names, suffix ".bias").
-QWEN2_NAMES = dict(LLAMA_NAMES)
-NAME_TABLES = {"llama": LLAMA_NAMES, "qwen2": QWEN2_NAMES}
+# GGUF architecture name -> gguf-py's architecture (the key of its tensor-name map).
+_ARCH_ENUMS = {name: arch for arch, name in MODEL_ARCH_NAMES.items()}
 
-# GGUF base names (without "blk.N.") that a LoRA adapter may target: the linear layers of a block.
-LORA_TARGETS = frozenset({"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"})
+# The tensor kinds we write (names from gguf-py's map; Qwen2 adds q/k/v biases, suffix ".bias"): the ones whose
+# hyper-parameters _write_hparams writes. The map knows more per architecture (MoE experts, fused qkv): refused.
+WRITTEN = frozenset(
+    {T.TOKEN_EMBD, T.OUTPUT_NORM, T.OUTPUT, T.ATTN_NORM, T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.FFN_NORM}
+    | {T.FFN_GATE, T.FFN_UP, T.FFN_DOWN}
+)
+# The kinds a LoRA adapter may target: the linear layers of a block.
+LORA_TARGETS = frozenset({T.ATTN_Q, T.ATTN_K, T.ATTN_V, T.ATTN_OUT, T.FFN_GATE, T.FFN_UP, T.FFN_DOWN})
 
 # HF tensors that carry no weights llama.cpp needs.
 SKIPPED_TENSORS = re.compile(r".*rotary_emb\.inv_freq$")
@@ -111,7 +110,11 @@ DTYPES = {
     "float16": (QType.F16, LlamaFileType.MOSTLY_F16),
     "bfloat16": (QType.BF16, LlamaFileType.MOSTLY_BF16),
     "q8_0": (QType.Q8_0, LlamaFileType.MOSTLY_Q8_0),
+    "q4_0": (QType.Q4_0, LlamaFileType.MOSTLY_Q4_0),
 }
+# 2-D type -> the type of the output head in that file type (llama-quantize: Q6_K, or Q8_0 when rows are not a
+# multiple of 256; gguf-py 0.19 has no Q6_K quantizer, so Q8_0 always). Types absent here use their own type.
+OUTPUT_TYPES = {QType.Q4_0: QType.Q8_0}
 
 
 Transform = Callable[[torch.Tensor], torch.Tensor]  # a float32 HF tensor -> the tensor to write (same layout)
@@ -149,13 +152,23 @@ def _gguf_arch(config: dict[str, Any]) -> str:
 # ---------------------------------------------------------------- names and layout
 
 
-def gguf_base_name(arch: str, hf_module: str) -> str | None:
-    """GGUF base name of HF module ``hf_module`` (e.g. ``model.layers.0.self_attn.q_proj`` ->
-    ``blk.0.attn_q``) for GGUF architecture ``arch``, or None when the table has no entry."""
-    match = re.match(r"^model\.layers\.(\d+)\.(.+)$", hf_module)
-    key, bid = (f"model.layers.{{bid}}.{match[2]}", match[1]) if match else (hf_module, "")
-    template = NAME_TABLES[arch].get(key)
-    return None if template is None else template.format(bid=bid)
+@functools.lru_cache(maxsize=None)
+def _name_map(arch: str, n_blocks: int) -> TensorNameMap:
+    return get_tensor_name_map(_ARCH_ENUMS[arch], n_blocks)
+
+
+def gguf_tensor(arch: str, hf_module: str, n_blocks: int) -> tuple[T, str] | None:
+    """The kind and GGUF base name of HF module ``hf_module`` (e.g. ``model.layers.0.self_attn.q_proj`` ->
+    ``(ATTN_Q, "blk.0.attn_q")``) in a GGUF ``arch`` model of ``n_blocks`` blocks, from gguf-py's tensor-name map;
+    None for a kind not in ``WRITTEN``, and for a name outside a ``...ForCausalLM`` checkpoint's ``model.*`` and
+    ``lm_head``: the map also reads Meta's original names (whose q/k rows are interleaved already, so the rope
+    permutation would scramble them) and a base-model checkpoint's (no LM head: llama.cpp would reuse the embedding).
+    """
+    if hf_module != "lm_head" and not hf_module.startswith("model."):
+        return None
+    block = re.match(r"^model\.layers\.(\d+)\.", hf_module)  # a block the config lacks is still named (checked later)
+    found = _name_map(arch, max(n_blocks, int(block[1]) + 1 if block else 0)).get_type_and_name(hf_module)
+    return found if found is not None and found[0] in WRITTEN else None
 
 
 def interleave_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
@@ -166,22 +179,24 @@ def interleave_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _rope_heads(arch: str, config: dict[str, Any], gguf_name: str) -> int | None:
-    """Head count to reorder ``gguf_name``'s rows with, or None when it keeps its order."""
+def _rope_heads(arch: str, config: dict[str, Any], kind: T) -> int | None:
+    """Head count to reorder the rows of a ``kind`` tensor with, or None when it keeps its order."""
     if arch not in ROPE_PERMUTED_ARCHS:
         return None
     n_head = config["num_attention_heads"]
-    if ".attn_q." in gguf_name:
+    if kind == T.ATTN_Q:
         return n_head
-    if ".attn_k." in gguf_name:
+    if kind == T.ATTN_K:
         return config.get("num_key_value_heads", n_head)
     return None
 
 
-def _storage_type(shape: tuple[int, ...], wanted: QType) -> QType:
-    """1-D tensors stay F32; Q8_0 needs rows that are a multiple of its block (else F16, like llama.cpp)."""
+def _storage_type(shape: tuple[int, ...], wanted: QType, output: bool = False) -> QType:
+    """1-D tensors stay F32; the output head (``output``) takes ``OUTPUT_TYPES[wanted]`` where there is one; a block
+    type needs rows that are a multiple of its block (else F16, like llama.cpp)."""
     if len(shape) < 2:
         return QType.F32
+    wanted = OUTPUT_TYPES.get(wanted, wanted) if output else wanted
     block, _ = GGML_QUANT_SIZES[wanted]
     return wanted if shape[-1] % block == 0 else QType.F16
 
@@ -359,23 +374,30 @@ def tensor_names(hf_names: list[str], config: dict[str, Any], arch: str) -> list
     for hf_name in hf_names:
         if SKIPPED_TENSORS.match(hf_name) or (tied and hf_name == "lm_head.weight"):
             continue
-        module, _, kind = hf_name.rpartition(".")
-        base = gguf_base_name(arch, module) if kind in ("weight", "bias") else None
-        if base is None:
+        module, _, suffix = hf_name.rpartition(".")
+        found = gguf_tensor(arch, module, config["num_hidden_layers"]) if suffix in ("weight", "bias") else None
+        if found is None:
             raise UserInputError(f"cannot map tensor {hf_name!r} to GGUF arch {arch!r}: export a plain HF checkpoint")
-        name = f"{base}.{kind}"
-        out.append((name, hf_name, _rope_heads(arch, config, name)))
+        out.append((f"{found[1]}.{suffix}", hf_name, _rope_heads(arch, config, found[0])))
     return out
+
+
+def output_head(hf_names: list[str], config: dict[str, Any]) -> str | None:
+    """The HF name of the tensor llama.cpp uses as the output head: ``lm_head.weight``, or the token embedding when
+    the file has no ``output.weight`` (tied embeddings)."""
+    names = {name: hf_name for name, hf_name, _ in tensor_names(hf_names, config, _gguf_arch(config))}
+    return names.get("output.weight", names.get("token_embd.weight"))
 
 
 def _plan(
     source: ModelSource, config: dict[str, Any], arch: str, wanted: QType, transform: Mapping[str, Transform]
 ) -> list[_Planned]:
+    head = output_head(source.keys(), config)
     plan = [
         _Planned(
             name,
             source.shape(hf_name),
-            _storage_type(source.shape(hf_name), wanted),
+            _storage_type(source.shape(hf_name), wanted, output=hf_name == head),
             _loader(source, hf_name, heads, transform.get(hf_name)),
         )
         for name, hf_name, heads in tensor_names(source.keys(), config, arch)
@@ -443,7 +465,8 @@ def export_model(
 ) -> dict[str, Any]:
     """Write the HF model in ``model_dir`` (config.json, tokenizer.json, safetensors) as GGUF ``out_path``.
 
-    ``dtype``: float32 | float16 | bfloat16 | q8_0 for 2-D weights (1-D tensors stay float32). Tensors are
+    ``dtype``: float32 | float16 | bfloat16 | q8_0 | q4_0 for 2-D weights (1-D tensors stay float32; q4_0 keeps the
+    output head Q8_0). Tensors are
     read and written one at a time: from ``source`` when given (another directory's weights), each widened to
     float32 and, where ``transform`` has its HF key, replaced by ``transform[key](tensor)`` (the streamed merge
     folds the adapter there). Returns ``{"arch", "tensors", "dtype", "bytes"}``.
@@ -480,14 +503,14 @@ def export_model(
 # ---------------------------------------------------------------- LoRA adapter
 
 
-def _lora_base(arch: str, module: str) -> str:
-    base = gguf_base_name(arch, module)
-    if base is None or base.rpartition(".")[2] not in LORA_TARGETS:
+def _lora_base(arch: str, module: str, n_blocks: int) -> tuple[T, str]:
+    found = gguf_tensor(arch, module, n_blocks)
+    if found is None or found[0] not in LORA_TARGETS:
         raise UserInputError(
             f"cannot export a LoRA update of {module!r} to GGUF: llama.cpp adapters take the attention and "
             "MLP linear layers only; merge the update into the model instead"
         )
-    return base
+    return found
 
 
 def _lora_arrays(
@@ -521,11 +544,11 @@ def export_lora_adapter(
     weights = set(source.keys())
     tensors = {}
     for module, (a, b) in lora.items():
-        base = _lora_base(arch, module)
+        kind, base = _lora_base(arch, module, config["num_hidden_layers"])
         if f"{module}.weight" not in weights:
             raise UserInputError(f"LoRA module {module!r} has no weight in {model_dir}: check the module names")
         a_np, b_np = _lora_arrays(module, a, b, source.shape(f"{module}.weight"))
-        heads = _rope_heads(arch, config, f"{base}.weight")
+        heads = _rope_heads(arch, config, kind)
         tensors[f"{base}.weight"] = (a_np, b_np if heads is None else interleave_rope_rows(b_np, heads))
     writer = GGUFWriter(out_path, arch)
     writer.add_type(GGUFType.ADAPTER)

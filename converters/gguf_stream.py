@@ -68,8 +68,9 @@ def export_merged(
     fold: Mapping[str, Callable[[torch.Tensor], torch.Tensor]],
     weights: Renamed | None = None,
 ) -> list[str]:
-    """Write ``out_dir/model.gguf`` (``dtype``: float32, float16 or q8_0) of the merged model: ``fold[key]`` applied to
-    the float32 tensor of each adapted weight. ``weights``: a :func:`plan` already made. Returns the files written."""
+    """Write ``out_dir/model.gguf`` (``dtype``: float32, float16, q8_0 or q4_0) of the merged model: ``fold[key]``
+    applied to the float32 tensor of each adapted weight. ``weights``: a :func:`plan` already made. Returns the files
+    written."""
     from converters.safetensors import write_config
 
     unmap_freed_tensors()
@@ -82,12 +83,13 @@ def export_merged(
     return [GGUF_FILE]
 
 
-def round_as_written(tensor: torch.Tensor, dtype: str) -> torch.Tensor:
-    """What a GGUF file of ``dtype`` (float32, float16, q8_0) holds for the float32 HF tensor ``tensor``, widened back
-    to float32 in ``tensor``'s layout: 1-D tensors stay float32, 2-D ones are cast or quantized exactly as the writer
-    does (Q8_0 rows whose length is not a multiple of 32 as F16). The rope-row permutation the writer applies moves
-    whole rows, and every type rounds within a row, so rounding in the HF layout gives the same values."""
-    qtype = gguf._storage_type(tuple(tensor.shape), gguf.DTYPES[dtype][0])
+def round_as_written(tensor: torch.Tensor, dtype: str, output: bool = False) -> torch.Tensor:
+    """What a GGUF file of ``dtype`` (float32, float16, q8_0, q4_0) holds for the float32 HF tensor ``tensor``, widened
+    back to float32 in ``tensor``'s layout: 1-D tensors stay float32, 2-D ones are cast or quantized exactly as the
+    writer does (rows whose length is not a multiple of the block as F16; ``output``: the tensor is the output head,
+    which a q4_0 file holds as Q8_0, :func:`converters.gguf.output_head`). The rope-row permutation the writer
+    applies moves whole rows, and every type rounds within a row, so rounding in the HF layout gives the same values."""
+    qtype = gguf._storage_type(tuple(tensor.shape), gguf.DTYPES[dtype][0], output)
     if qtype == QType.F32:
         return tensor.to(torch.float32)
     array = tensor.detach().to(torch.float32).numpy()

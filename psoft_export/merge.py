@@ -9,7 +9,7 @@ safetensors   a complete HF model directory, no adapter trace    ``adapter/`` (t
                                                                  ``lora/`` (its exact LoRA form, a PEFT LoRA dir)
 onnx          optimum export, decoders with the KV cache         ``model.onnx`` with adapter inputs +
                                                                  ``adapter.onnx_adapter`` (ORT adapter format)
-gguf          ``model.gguf`` (f32, f16 or q8_0)                  ``model.gguf`` (base) + ``adapter.gguf`` (LoRA)
+gguf          ``model.gguf`` (f32, f16, q8_0, q4_0)              ``model.gguf`` (base) + ``adapter.gguf`` (LoRA)
 ============  =================================================  ====================================================
 
 OFT's update ``W (R^T - I)`` is full rank: a LoRA-only target (GGUF and the safetensors LoRA form) is refused
@@ -52,7 +52,7 @@ FORMATS = ("safetensors", "onnx", "gguf")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SOURCE = "source"  # --dtype default: the source's dtype where the route keeps it (merged safetensors), else float32
 UNVERIFIED = ".unverified"  # suffix of the directory a failed verification leaves the export in
-QUANTS = ("q8_0",)
+QUANTS = ("q8_0", "q4_0")
 GGUF_TYPES = ("llama", "mistral", "qwen2")
 STREAMED = ("safetensors", "gguf")  # merged exports written tensor by tensor from the source files
 ADAPTER_FILES = (adapter_io.CONFIG_FILE, adapter_io.WEIGHTS_FILE, adapter_io.META_FILE, adapter_io.OURS_FILE)
@@ -144,6 +144,7 @@ def _split(
     quant: Optional[str],
     lora_rank: Optional[int],
     kind: str,
+    record: Optional[dict] = None,
 ) -> tuple[list[str], dict]:
     layers = adapter_layers(model)
     if to == "safetensors":
@@ -178,8 +179,9 @@ def _split(
         return sorted(p.name for p in tmp.iterdir()), errors
     from converters import gguf as conv
 
-    factors, alpha, errors = lora_form(model, lora_rank)
-    conv.export_model(model_dir, tmp / "model.gguf", quant or dtype)
+    factors, alpha, errors = lora_form(model, lora_rank)  # QOFT: of the dequantized weights (reference_model's)
+    base = quantized.base_transform(record, model_dir) if record is not None else None  # the base as trained
+    conv.export_model(model_dir, tmp / "model.gguf", quant or dtype, transform=base)
     conv.export_lora_adapter(model_dir, factors, alpha, tmp / "adapter.gguf")
     return ["model.gguf", "adapter.gguf"], errors
 
@@ -191,21 +193,20 @@ def quantized_base(adapter_dir: Path, to: str, split: bool) -> Optional[dict]:
     """The adapter's ``quantized_base`` record (``None``: trained over float weights); refuses the routes that do not
     reproduce a quantized base yet."""
     record = quantized.record_of(adapter_io.read_meta(adapter_dir))
-    if record is not None and (split or to != "safetensors"):
+    if record is not None and (to == "onnx" or (split and to != "gguf")):
         raise UserInputError(
             f"{adapter_dir} was trained over a {record['quant_type']} base: it exports merged --to "
-            "safetensors only (folded into the dequantized weights); drop --split / use --to "
-            "safetensors"
+            "safetensors or gguf, or --split --to gguf (the dequantized base + a LoRA form); use one of those"
         )
     return record
 
 
-def _dequantize_in_export(stream: Optional[Stream], record: dict, dtype: str) -> dict:
+def _dequantize_in_export(stream: Optional[Stream], record: dict, dtype: str, quant: Optional[str]) -> dict:
     """Have the export fold into the dequantized weights the adapter was trained over, and say so. Streamed: each
     quantized weight is round-tripped before its fold; in memory: :func:`verify.reference_model` (the model this
     route merges) already holds the round-tripped weights."""
     if stream is not None:
-        keys = {e.key for f in stream.files for e in f.entries}
+        keys = set(stream.files.keys()) if stream.to == "gguf" else {e.key for f in stream.files for e in f.entries}
         quantized.round_trip_folds(stream.fold, record, keys.__contains__)
     return {
         "library": record["library"],
@@ -214,7 +215,8 @@ def _dequantize_in_export(stream: Optional[Stream], record: dict, dtype: str) ->
         "blocksize": record["blocksize"],
         "dequantized": len(record["modules"]),
         "modules": record["modules"],
-        "written_as": dtype,
+        "written_as": quant or dtype,
+        "requantized_as": quantized.requantized_as(quant, record["quant_type"]),
         "folded_into": "dequant(quant(W)) of every quantized weight, as trained, then R",
     }
 
@@ -238,7 +240,7 @@ def check_request(
         )
     if to == "gguf" and dtype == "bfloat16":
         raise UserInputError(
-            "GGUF exports are float32, float16 or --quant q8_0: use --dtype float16 for half precision"
+            "GGUF exports are float32, float16 or --quant q8_0/q4_0: use --dtype float16 for half precision"
         )
     if lora_rank is not None and (lora_rank <= 0 or not split):
         raise UserInputError("--lora-rank K (K > 0) is for --split exports of OFT adapters")
@@ -322,13 +324,13 @@ def merge(
             info["in_memory_because"] = why
     record = quantized_base(adapter_dir, to, split)
     if record is not None:
-        info["quantized_base"] = _dequantize_in_export(stream, record, dtype)
+        info["quantized_base"] = _dequantize_in_export(stream, record, dtype, quant)
     with atomic_output_dir(out_dir, overwrite, inputs=[model_dir, adapter_dir], command="merge") as tmp:
         stage(f"writing the {'split' if split else 'merged'} {to} export" + (" tensor by tensor" if stream else ""))
         if stream is not None:
             files, errors = stream.write(tmp), {}
         elif split:
-            files, errors = _split(to, model, model_dir, adapter_dir, tmp, dtype, quant, lora_rank, kind)
+            files, errors = _split(to, model, model_dir, adapter_dir, tmp, dtype, quant, lora_rank, kind, record)
         else:
             files, errors = _merged(to, model, model_dir, tmp, dtype, quant), {}
         info["files"] = files

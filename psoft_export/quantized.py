@@ -233,3 +233,28 @@ def dequantize_base(model: nn.Module, record: Mapping) -> list[str]:
         W = weight_out_in(module)
         W.copy_(round_trip(W, record).to(W.dtype))
     return list(record["modules"])
+
+
+# ------------------------------------------------------------------------------------------ exporting
+
+
+def base_transform(record: Mapping, model_dir) -> dict[str, Callable]:
+    """``{source key: round_trip}`` for each quantized weight: what a ``--split`` GGUF export writes as its base (the
+    base as trained, then stored at the export's precision; the adapter travels in the LoRA file)."""
+    from psoft_export.checkpoint import ModelSource
+
+    folds: dict[str, Callable] = {}
+    round_trip_folds(folds, record, set(ModelSource(model_dir).keys()).__contains__)
+    return folds
+
+
+def requantized_as(quant: Optional[str], quant_type: str = "nf4") -> Optional[str]:
+    """What an export does to the dequantized 4-bit weights (``None``: written at float precision, no requantizing);
+    its cost is measured against the trained model (``vs_trained_model`` in the export's record)."""
+    if quant is None:
+        return None
+    head = "the output head Q8_0, " if quant == "q4_0" else ""
+    return (
+        f"GGUF {quant.upper()}: every 2-D weight (the dequantized {quant_type.upper()} weights, rotated where adapted) "
+        f"re-rounded to {quant.upper()} blocks of 32 ({head}1-D tensors F32): a second quantization"
+    )

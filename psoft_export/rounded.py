@@ -2,13 +2,12 @@
 
 ``verify`` compares a merged safetensors or GGUF export with it (tight bars: the export is tested, not the precision
 of its dtype): the float32 model with the adapter, merged in place, every tensor rounded exactly as the export stores
-it (cast to float16/bfloat16, or quantized to Q8_0 with gguf-py's own functions, then widened to float32). Also here:
-the tensor-by-tensor comparison of an export's files with those weights, a block of rows at a time.
+it (cast to float16/bfloat16, or quantized to Q8_0/Q4_0 with gguf-py's own functions, then widened to float32). Also
+here: the tensor-by-tensor comparison of an export's files with those weights, a block of rows at a time.
 """
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import torch
@@ -24,18 +23,22 @@ def rounded_reference(model: nn.Module, to: str, dtype: str) -> nn.Module:
     from psoft_export.adapters import merge_and_unload
 
     model = merge_and_unload(model)
+    state = model.state_dict(keep_vars=True)
     if to == "gguf":
+        from converters.gguf import output_head
         from converters.gguf_stream import round_as_written
 
-        rounding = functools.partial(round_as_written, dtype=dtype)
+        head = output_head(list(state), model.config.to_dict())  # q4_0 files hold it finer (Q8_0); tied: one tensor
+        head_id = None if head is None else id(state[head])
+        rounding = lambda key, t: round_as_written(t, dtype, output=id(state[key]) == head_id)  # noqa: E731
     else:
         wanted = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-        rounding = lambda t: t.to(wanted).to(torch.float32)  # noqa: E731
+        rounding = lambda key, t: t.to(wanted).to(torch.float32)  # noqa: E731
     seen: set[int] = set()
-    for tensor in model.state_dict(keep_vars=True).values():
+    for key, tensor in state.items():
         if tensor.is_floating_point() and id(tensor) not in seen:  # tied tensors once
             seen.add(id(tensor))
-            tensor.data.copy_(rounding(tensor.data.to(torch.float32)))
+            tensor.data.copy_(rounding(key, tensor.data.to(torch.float32)))
     return model
 
 

@@ -23,8 +23,9 @@ from tests.llama_cpp_tools import llama3_test_vectors, llama_cpp_source, run_con
 TOKENS = [0, 17, 230, 5, 999, 42, 311, 8, 77, 640, 123, 2]
 # dtype -> max relative error of llama.cpp (F32 KV cache) vs transformers float32. Measured on llama / qwen2:
 # float32 3.1e-7 / 4.0e-7 (the brief's bar is 2e-3, which llama.cpp's default F16 KV cache needs),
-# float16 4.8e-4 / 6.6e-4, bfloat16 4.1e-3 / 6.1e-3, q8_0 1.5e-2 / 1.7e-2.
-TOLERANCE = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2, "q8_0": 2.5e-2}
+# float16 4.8e-4 / 6.6e-4, bfloat16 4.1e-3 / 6.1e-3, q8_0 1.5e-2 / 1.7e-2, q4_0 1.95e-1 / 1.46e-1 (4-bit blocks on
+# tiny random weights; the output head stays Q8_0).
+TOLERANCE = {"float32": 1e-5, "float16": 1e-3, "bfloat16": 1e-2, "q8_0": 2.5e-2, "q4_0": 2.5e-1}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_TOL = 1e-5  # measured 5.6e-7 (llama) / 4.9e-7 (qwen2); the brief's bar is 2e-3
 RANK, ALPHA = 4, 8.0
@@ -88,7 +89,45 @@ def test_tolerances_catch_a_wrong_model(llama_cpp, exported, name):
     with torch.no_grad():
         model.model.layers[1].self_attn.o_proj.weight.mul_(1.1)
     err = rel_err(gguf_logits(exported(name)), torch_logits(model))
-    assert err > max(TOLERANCE.values()), f"{name}: perturbed model rel err {err:.2e} should exceed all tolerances"
+    bar = max(t for dtype, t in TOLERANCE.items() if dtype != "q4_0")
+    assert err > bar, f"{name}: perturbed model rel err {err:.2e} should exceed the tolerances up to q8_0's"
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_q4_0_tolerance_catches_a_wrong_model(llama_cpp, exported, name):
+    """q4_0's bar is wide (4-bit weights): the q4_0 file against a model with one o_proj doubled (measured 4.3e-1 /
+    5.2e-1) exceeds it, and against the right model (test above) it does not."""
+    model = load_model(name)
+    with torch.no_grad():
+        model.model.layers[1].self_attn.o_proj.weight.mul_(2.0)
+    err = rel_err(gguf_logits(exported(name, "q4_0")), torch_logits(model))
+    assert err > TOLERANCE["q4_0"], f"{name}: q4_0 file vs perturbed model rel err {err:.2e} <= {TOLERANCE['q4_0']}"
+
+
+def test_q4_0_types_follow_llama_quantize(llama_cpp, exported, tmp_path):
+    """Q4_0 for the 2-D weights and an untied token embedding, Q8_0 for the output head (the tied embedding when
+    there is no output.weight), F32 for 1-D tensors, F16 for rows that are not a multiple of 32; each tensor holds
+    exactly gguf-py's Q4_0 rounding of the source (the rounded reference verification uses)."""
+    from converters.gguf_stream import round_as_written
+
+    types = {t["name"]: t["type"] for t in gg.describe(exported("llama", "q4_0"))["tensors"]}
+    assert types["token_embd.weight"] == "Q4_0" and types["output.weight"] == "Q8_0"
+    assert types["blk.0.ffn_down.weight"] == "Q4_0" and types["blk.0.attn_norm.weight"] == "F32"
+    assert gg.describe(exported("llama", "q4_0"))["metadata"]["general.file_type"] == 2  # MOSTLY_Q4_0
+    tied_dir = variant_dir(tmp_path, "llama", {"tie_word_embeddings": True}, drop=("lm_head.weight",))
+    gg.export_model(tied_dir, tmp_path / "tied.gguf", "q4_0")
+    assert {t["name"]: t["type"] for t in gg.describe(tmp_path / "tied.gguf")["tensors"]}["token_embd.weight"] == "Q8_0"
+    assert gg._storage_type((8, 48), gg.QType.Q4_0) == gg.QType.F16
+    source = load_file(MODELS / "llama" / "model.safetensors")
+    stored = {t.name: t for t in GGUFReader(exported("llama", "q4_0")).tensors}
+    from gguf.quants import dequantize
+
+    for name, hf_name in [
+        ("blk.0.ffn_down.weight", "model.layers.0.mlp.down_proj.weight"),
+        ("output.weight", "lm_head.weight"),
+    ]:
+        got = torch.from_numpy(dequantize(stored[name].data, stored[name].tensor_type).reshape(source[hf_name].shape))
+        assert torch.equal(got, round_as_written(source[hf_name], "q4_0", output=name == "output.weight")), name
 
 
 def test_qk_permutation_matters(llama_cpp, monkeypatch, tmp_path):
@@ -161,8 +200,8 @@ def test_unsupported_architectures_are_refused(tmp_path, name):
 
 
 def test_unknown_dtype_is_refused(tmp_path):
-    with pytest.raises(UserInputError, match="q8_0"):
-        gg.export_model(MODELS / "llama", tmp_path / "x.gguf", dtype="q4_0")
+    with pytest.raises(UserInputError, match="q4_0"):
+        gg.export_model(MODELS / "llama", tmp_path / "x.gguf", dtype="q5_k")
 
 
 def test_describe_structure(exported):

@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from psoft_export import adapter_io
 from psoft_export.cli import cli
 from psoft_export.errors import UserInputError, VerificationError
-from psoft_export.merge import merge
+from psoft_export.merge import lora_form, merge
 from psoft_export.train import TrainConfig, train
 from psoft_export.verify import fixed_inputs, load_base, reference_model, torch_outputs, verify
 from tests.conftest import MODELS, require
@@ -144,6 +144,56 @@ def test_quantized_gguf_has_its_own_tolerance(adapters, tmp_path):
         assert report["ok"], report
 
 
+def test_gguf_q4_0_merged_route(adapters, tmp_path):
+    """``merge --to gguf --quant q4_0`` (the CLI), verified in llama.cpp against the merged weights rounded to Q4_0
+    (output head Q8_0) as the file stores them: every tensor equal, the logits within the q4_0 bar, which is far
+    below what the adapter moves (an export without it would fail); the precision loss is reported."""
+    from converters import gguf as conv
+    from psoft_export.verification import ROUNDED_TOLERANCES
+
+    require("llama_cpp")
+    model, adapter, shift = adapters["llama-psoft"]
+    out = tmp_path / "out"
+    args = ["merge", str(MODELS / model), "--adapter", str(adapter), "-o", str(out), "--to", "gguf", "--quant", "q4_0"]
+    result = CliRunner().invoke(cli, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{") :])["verification"]
+    tol = ROUNDED_TOLERANCES[("gguf", "q4_0")]
+    assert report["ok"] and report["export"] == "gguf merged q4_0" and report["tolerance"] == tol, report
+    assert report["outputs"]["weights"]["rel_err"] == 0.0, report["outputs"]["weights"]
+    assert shift > 3 * tol, f"the adapter moves outputs by only {shift:.2e}: the q4_0 bar {tol} cannot see it"
+    types = {t["name"]: t["type"] for t in conv.describe(out / "model.gguf")["tensors"]}
+    assert types["blk.0.attn_q.weight"] == "Q4_0" and types["output.weight"] == "Q8_0", types
+    assert verify(out, MODELS / model, adapter).ok
+
+
+def test_gguf_q4_0_split_is_the_rounded_base_plus_the_lora_form(adapters, tmp_path):
+    """``--split --quant q4_0``: a Q4_0 base + the float32 LoRA adapter. Its own check is against the float32 model
+    (wide bar: the base is 4-bit); here, tighter, against PyTorch with the base rounded as the file stores it plus
+    PSOFT's exact LoRA form in float: within the q4_0 rounded bar, far below what the adapter moves."""
+    from psoft_export.rounded import rounded_reference
+    from psoft_export.verification import ROUNDED_TOLERANCES
+    from psoft_export.verify import RUNTIMES, read_export
+
+    require("llama_cpp")
+    model, adapter, shift = adapters["llama-psoft"]
+    out = tmp_path / "out"
+    summary = merge(MODELS / model, adapter, out, "gguf", split=True, quant="q4_0")
+    assert summary["verification"]["ok"] and summary["verification"]["export"] == "gguf split q4_0"
+    factors, alpha, _ = lora_form(reference_model(MODELS / model, adapter)[0], None)
+    expected = rounded_reference(load_base(MODELS / model, "causal", None), "gguf", "q4_0")
+    with torch.no_grad():
+        for name, (a, b) in factors.items():
+            expected.get_submodule(name).weight.add_((alpha / a.shape[0]) * (b.double() @ a.double()).float())
+    inputs = fixed_inputs(MODELS / model)
+    mask = inputs["attention_mask"].bool().numpy()
+    got = RUNTIMES["gguf"](out, read_export(out), inputs, "causal", MODELS / model)[""][mask]
+    ref = torch_outputs(expected, inputs, "causal")[mask]
+    err, tol = float(abs(got - ref).max() / abs(ref).max()), ROUNDED_TOLERANCES[("gguf", "q4_0")]
+    assert err <= tol, f"split q4_0 vs rounded base + LoRA form: rel err {err:.2e} > {tol}"
+    assert shift > 3 * tol, f"the adapter moves outputs by only {shift:.2e}"
+
+
 def test_merged_safetensors_has_no_adapter_trace_and_loads(adapters, tmp_path):
     model, adapter, _ = adapters["llama-psoft"]
     merge(MODELS / model, adapter, tmp_path / "out", "safetensors")
@@ -198,6 +248,7 @@ def test_verification_failure_keeps_the_export_unverified_unless_strict(adapters
         (["--to", "tflite"], "unknown export format --to 'tflite'"),
         (["--to", "onnx", "--dtype", "float16"], "ONNX exports are float32"),
         (["--to", "safetensors", "--quant", "q8_0"], "--quant q8_0 is for --to gguf"),
+        (["--to", "gguf", "--quant", "q4_k"], "must be one of q8_0, q4_0"),
         (["--to", "gguf", "--lora-rank", "4"], "--lora-rank K (K > 0) is for --split"),
     ],
 )

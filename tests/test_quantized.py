@@ -29,7 +29,7 @@ from psoft_export.errors import UserInputError  # noqa: E402
 from psoft_export.merge import merge  # noqa: E402
 from psoft_export.train import TrainConfig, prepare, train, train_loop  # noqa: E402
 from psoft_export.verify import verify  # noqa: E402
-from tests.conftest import MODELS, load_model, model_inputs, outputs, rel_err  # noqa: E402
+from tests.conftest import MODELS, load_model, model_inputs, outputs, rel_err, require  # noqa: E402
 from tests.test_adapters_oft import randomize, to_peft  # noqa: E402
 
 LLAMA = MODELS / "llama"
@@ -211,12 +211,51 @@ def test_merge_folds_into_the_dequantized_weights(trained, tmp_path, dtype, tol)
 
 def test_unsupported_routes_are_refused(trained, tmp_path):
     adapter, _ = trained
-    for kwargs in ({"to": "safetensors", "split": True}, {"to": "gguf"}, {"to": "onnx", "dtype": "float32"}):
-        with pytest.raises(UserInputError, match="exports merged --to safetensors only"):
+    for kwargs in ({"to": "safetensors", "split": True}, {"to": "onnx", "dtype": "float32"}):
+        with pytest.raises(UserInputError, match="exports merged --to safetensors or gguf, or --split --to gguf"):
             merge(LLAMA, adapter, tmp_path / "out", **kwargs)
     layer = next(iter(adapter_layers(_nf4_with(adapter)).values()))
     with pytest.raises(UserInputError, match="quantized base layer"):
         layer.merge()
+
+
+# GGUF routes of a QOFT adapter: (split, quant, bound on the error against the trained 4-bit model, measured). The
+# export holds dequant(W) R^T (merged) or dequant(W) + a rank-32 LoRA form of dequant(W)(R^T - I) (split: the
+# fixture's k/v projections cap the rank at 32), re-rounded to the file's type: the cost is that second rounding.
+GGUF_ROUTES = [
+    (False, None, 1e-5),  # measured 4.1e-7
+    (False, "q8_0", 5e-2),  # 2.2e-2
+    (False, "q4_0", 3e-1),  # 1.6e-1
+    (True, "q8_0", 5e-2),  # 2.4e-2 (float32 base: 1.4e-2, the rank-32 truncation)
+    (True, "q4_0", 3e-1),  # 1.8e-1
+]
+
+
+@pytest.mark.parametrize("split,quant,bound", GGUF_ROUTES)
+def test_gguf_routes_report_what_requantizing_cost(trained, tmp_path, split, quant, bound):
+    """Merged and split GGUF exports of a QOFT adapter, verified in llama.cpp, say what was requantized and report the
+    error against the 4-bit model that was trained (run in llama.cpp, against bitsandbytes' model in PyTorch)."""
+    require("llama_cpp")
+    adapter, _ = trained
+    summary = merge(LLAMA, adapter, tmp_path / "out", "gguf", split=split, quant=quant, lora_rank=32 if split else None)
+    assert summary["verification"]["ok"], summary["verification"]
+    q = summary["quantized_base"]
+    assert q["written_as"] == (quant or "float32") and q["dequantized"] == 14
+    assert (q["requantized_as"] is None) == (quant is None) and (quant is None or quant.upper() in q["requantized_as"])
+    gap = q["vs_trained_model"]["as_trained_rel_err"]
+    assert gap <= bound, f"gguf split={split} {quant}: export vs the trained 4-bit model {gap:.2e} > {bound}"
+    if split:  # the base file holds the dequantized 4-bit weights, rounded to the file's type
+        from gguf import GGUFReader
+        from gguf.quants import dequantize
+
+        from converters.gguf_stream import round_as_written
+
+        t = next(t for t in GGUFReader(tmp_path / "out" / "model.gguf").tensors if t.name == "blk.1.ffn_down.weight")
+        W = load_file(LLAMA / "model.safetensors")["model.layers.1.mlp.down_proj.weight"]
+        record = adapter_io.read_meta(adapter)["quantized_base"]
+        expected = round_as_written(quantized.round_trip(W, record), quant)
+        assert torch.equal(torch.from_numpy(dequantize(t.data, t.tensor_type).reshape(W.shape)), expected)
+    print(f"gguf split={split} {quant}: export vs trained 4-bit model {gap:.2e}")
 
 
 def _nf4_with(adapter):

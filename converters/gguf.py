@@ -648,3 +648,44 @@ def describe(gguf_path: Path, max_array: int = 16) -> dict[str, Any]:
             metadata[key] = _plain(field.contents())
     tensors = [{"name": t.name, "ne": [int(n) for n in t.shape], "type": t.tensor_type.name} for t in reader.tensors]
     return {"metadata": metadata, "tensors": tensors}
+
+
+# ------------------------------------------------------------------------------------------ the format interface
+# (converters/__init__.py): merged and split exports of a model held in memory, and the export run in llama.cpp.
+# Merged GGUF is normally streamed (converters/gguf_stream.py); write_merged serves the models it cannot stream.
+
+
+def write_merged(job, out: Path) -> list[str]:
+    """The merged model saved as a float32 HF directory inside ``out``, then converted (``job.quant`` or dtype)."""
+    import tempfile
+
+    from converters.safetensors import save_merged_hf
+
+    with tempfile.TemporaryDirectory(prefix=".psoft-merged-", dir=out) as scratch:
+        save_merged_hf(job.model, job.model_dir, Path(scratch), "float32")
+        export_model(Path(scratch), out / "model.gguf", job.written_as)
+    return sorted(p.name for p in out.iterdir())
+
+
+def write_split(job, out: Path) -> tuple[list[str], dict]:
+    """``model.gguf`` (the base; for a QOFT adapter the dequantized base it was trained over) and ``adapter.gguf``
+    (the adapter's LoRA form, computed from the same weights)."""
+    from psoft_export import quantized
+    from psoft_export.adapters.lora import lora_form
+
+    factors, alpha, errors = lora_form(job.model, job.lora_rank)
+    base = quantized.base_transform(job.record, job.model_dir) if job.record is not None else None
+    export_model(job.model_dir, out / "model.gguf", job.written_as, transform=base)
+    export_lora_adapter(job.model_dir, factors, alpha, out / "adapter.gguf")
+    return ["model.gguf", "adapter.gguf"], errors
+
+
+def run(export_dir: Path, info: dict, inputs, kind: str, model_dir: Path) -> dict:
+    """llama.cpp's logits for each input row (its real tokens; padded positions zero)."""
+    adapter = export_dir / "adapter.gguf" if info["split"] else None
+    rows = []
+    for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"]):
+        tokens = ids[mask.bool()].tolist()
+        logits = run_logits(export_dir / "model.gguf", tokens, adapter)
+        rows.append(np.pad(logits, ((0, ids.numel() - len(tokens)), (0, 0))))
+    return {"": np.stack(rows)}

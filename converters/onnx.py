@@ -464,3 +464,46 @@ def describe(onnx_dir: Path) -> dict:
         "overridable": [{**v, "default_shape": defaults[v["name"]]} for v in inputs if v["name"] in defaults],
         "adapters": {p.name: describe_adapter(p) for p in sorted(onnx_dir.glob(f"*{ADAPTER_SUFFIX}"))},
     }
+
+
+# ------------------------------------------------------------------------------------------ the format interface
+# (converters/__init__.py): merged and split exports of a model held in memory, and the export run in ONNX Runtime.
+
+
+def write_merged(job, out: Path) -> list[str]:
+    """optimum's export of the merged model, saved first as a float32 HF directory inside ``out`` (so an interrupt at
+    any moment leaves nothing behind: the caller removes ``out`` whole)."""
+    import tempfile
+
+    from converters.safetensors import save_merged_hf
+
+    with tempfile.TemporaryDirectory(prefix=".psoft-merged-", dir=out) as scratch:
+        save_merged_hf(job.model, job.model_dir, Path(scratch), "float32")
+        export_merged(Path(scratch), out)
+    return sorted(p.name for p in out.iterdir())
+
+
+def write_split(job, out: Path) -> tuple[list[str], dict]:
+    """The base graph with adapter inputs and ``adapter.onnx_adapter``: OFT's rotation blocks as they are, PSOFT's
+    (and ``--lora-rank`` OFT's) LoRA form."""
+    from psoft_export.adapters import OftLinear, adapter_layers
+    from psoft_export.adapters.lora import lora_form
+
+    layers = adapter_layers(job.model)
+    if any(isinstance(layer, OftLinear) for layer in layers.values()) and job.lora_rank is None:
+        export_split(job.model_dir, out, oft_targets={n: layer.block_size for n, layer in layers.items()})
+        with torch.no_grad():
+            rotations = {n: l.rotation_blocks().expand(l.num_blocks, -1, -1).float() for n, l in layers.items()}
+        write_adapter(out / "adapter.onnx_adapter", oft=rotations)
+        return sorted(p.name for p in out.iterdir()), {}
+    factors, alpha, errors = lora_form(job.model, job.lora_rank)
+    export_split(job.model_dir, out, lora_targets=list(factors))
+    rank = next(iter(factors.values()))[0].shape[0]
+    write_adapter(out / "adapter.onnx_adapter", lora=factors, scaling=alpha / rank)
+    return sorted(p.name for p in out.iterdir()), errors
+
+
+def run(export_dir: Path, info: dict, inputs, kind: str, model_dir: Path) -> dict:
+    adapter = export_dir / "adapter.onnx_adapter" if info["split"] else None
+    out = run_logits(export_dir, inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(), adapter)
+    return {"": next(iter(out.values()))}

@@ -73,6 +73,7 @@ ST_NAMES = {
     torch.bool: "BOOL",
 }
 # The source dtype an export keeps by default (float64 is not an export dtype: it is written as float32).
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}  # --dtype
 EXPORT_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float32"}
 FLOATS = ("F64", "F32", "F16", "BF16")
 METADATA = {"format": "pt"}
@@ -291,3 +292,92 @@ def describe(export_dir: Path) -> dict:
     if (export_dir / INDEX).is_file():
         out["index"] = json.loads((export_dir / INDEX).read_text())["weight_map"]
     return out
+
+
+# ------------------------------------------------------------------------------------------ the format interface
+# (converters/__init__.py): merged and split exports of a model held in memory, and the export run in transformers.
+
+
+def _save_hf(model: nn.Module, model_dir: Path, out: Path, dtype: str) -> None:
+    from psoft_export.checkpoint import load_tokenizer
+
+    model = model.to(DTYPES[dtype])
+    model.config.dtype = dtype
+    model.save_pretrained(out, max_shard_size="2GB")
+    load_tokenizer(model_dir).save_pretrained(out)
+
+
+def save_merged_hf(model: nn.Module, model_dir: Path, out: Path, dtype: str) -> None:
+    """``merge_and_unload`` of a copy of ``model`` saved as an HF directory (the input of the other converters)."""
+    import copy
+
+    from psoft_export.adapters import merge_and_unload
+
+    _save_hf(merge_and_unload(copy.deepcopy(model)), model_dir, out, dtype)
+
+
+def write_merged(job, out: Path) -> list[str]:
+    save_merged_hf(job.model, job.model_dir, out, job.dtype)
+    return sorted(p.name for p in out.iterdir())
+
+
+def write_split(job, out: Path) -> tuple[list[str], dict]:
+    """``adapter/`` (the adapter files as trained) and, where it is exact or asked for, ``lora/`` (its LoRA form)."""
+    import shutil
+
+    from psoft_export import adapter_io
+    from psoft_export.adapters import OftLinear, adapter_layers
+    from psoft_export.peft_lora import write_lora_dir
+
+    (out / "adapter").mkdir()
+    for name in (adapter_io.CONFIG_FILE, adapter_io.WEIGHTS_FILE, adapter_io.META_FILE, adapter_io.OURS_FILE):
+        if (job.adapter_dir / name).is_file():
+            shutil.copy2(job.adapter_dir / name, out / "adapter" / name)
+    if (job.adapter_dir / adapter_io.DECOMPOSITION_DIR).is_dir():
+        shutil.copytree(job.adapter_dir / adapter_io.DECOMPOSITION_DIR, out / "adapter" / adapter_io.DECOMPOSITION_DIR)
+    is_oft = any(isinstance(layer, OftLinear) for layer in adapter_layers(job.model).values())
+    if is_oft and job.lora_rank is None:
+        return ["adapter"], {}
+    return ["adapter", "lora"], write_lora_dir(job.model, job.model_dir, job.adapter_dir, out / "lora", job.lora_rank)
+
+
+def run(export_dir: Path, info: dict, inputs, kind: str, model_dir: Path) -> dict:
+    """The export in transformers: the merged directory itself; a split one as ``adapter/`` loaded by our reader and
+    ``lora/`` applied by an independent one (:func:`apply_lora_dir`)."""
+    from psoft_export import adapter_io
+    from psoft_export.models import load_base, torch_outputs
+
+    if not info["split"]:
+        model = load_base(export_dir, kind, info.get("classes"))
+        return {"": torch_outputs(model.float(), inputs, kind)}
+    out = {}
+    if (export_dir / "adapter").is_dir():
+        model = load_base(model_dir, kind, info.get("classes"), export_dir / "adapter")
+        adapter_io.load_adapter(model, export_dir / "adapter", model_dir)
+        out["[adapter/]"] = torch_outputs(model, inputs, kind)
+    if (export_dir / "lora").is_dir():
+        model = load_base(model_dir, kind, info.get("classes"), export_dir / "adapter")
+        if kind == "classify":
+            adapter_io.load_heads(model, export_dir / "adapter")
+        apply_lora_dir(model, export_dir / "lora")
+        out["[lora/]"] = torch_outputs(model, inputs, kind)
+    return out
+
+
+def apply_lora_dir(model: nn.Module, lora_dir: Path) -> None:
+    """``W += (alpha / r) B A`` for every tensor pair of a PEFT LoRA directory (an independent reader)."""
+    from safetensors.torch import load_file
+
+    from psoft_export import adapter_io
+    from psoft_export.adapters.layout import weight_out_in
+
+    config = json.loads((lora_dir / adapter_io.CONFIG_FILE).read_text())
+    tensors = load_file(lora_dir / adapter_io.WEIGHTS_FILE)
+    scale = config["lora_alpha"] / config["r"]
+    with torch.no_grad():
+        for key, A in tensors.items():
+            if key.endswith(".lora_A.weight"):
+                module = key[len(adapter_io.PREFIX) : -len(".lora_A.weight")]
+                B = tensors[key.replace(".lora_A.", ".lora_B.")]
+                W = weight_out_in(model.get_submodule(module))
+                W.add_((scale * B.double() @ A.double()).to(W.dtype))

@@ -1,6 +1,7 @@
 """``psoft-export merge``: fold the rotations into the weights, or split base and adapter, and export.
 
-Routes (``converters/`` does the format work, this module decides what goes where):
+Routes (``converters/`` does the format work and its table, ``converters.FORMATS``, says what each format accepts;
+this module checks the request against it, plans, writes through the format's module, verifies and publishes):
 
 ============  =================================================  ====================================================
 ``--to``      merged (default)                                   ``--split``
@@ -25,72 +26,34 @@ written (safetensors: in the source's dtype unless ``dtype`` says otherwise). Ot
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable, Optional
 
-import torch
 from torch import nn
 
+import converters
+from converters import FORMATS, Job
 from psoft_export import __version__, adapter_io, quantized
-from psoft_export.adapters import (
-    OftLinear,
-    adapter_layers,
-    merge_and_unload,
-)
 from psoft_export.adapters.lora import approximated_model, lora_form  # noqa: F401  (re-exported)
 from psoft_export.atomic import MARKER, atomic_output_dir, check_output_dir, mark
-from psoft_export.checkpoint import INDEX, SINGLE, load_config, load_tokenizer
+from psoft_export.checkpoint import INDEX, SINGLE, load_config
 from psoft_export.errors import UserInputError, VerificationError
 from psoft_export.models import model_kind, reference_model
 from psoft_export.peft_lora import peft_lora_config, write_lora_dir  # noqa: F401  (re-exported)
 from psoft_export.streamed import Stream, stream_plan
 from psoft_export.verification import EXPORT_FILE, EXPORT_FORMAT, trained_model_gap, verify_export
 
-FORMATS = ("safetensors", "onnx", "gguf")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 SOURCE = "source"  # --dtype default: the source's dtype where the route keeps it (merged safetensors), else float32
 UNVERIFIED = ".unverified"  # suffix of the directory a failed verification leaves the export in
-QUANTS = ("q8_0", "q4_0")
-GGUF_TYPES = ("llama", "mistral", "qwen2")
-STREAMED = ("safetensors", "gguf")  # merged exports written tensor by tensor from the source files
-ADAPTER_FILES = (adapter_io.CONFIG_FILE, adapter_io.WEIGHTS_FILE, adapter_io.META_FILE, adapter_io.OURS_FILE)
+DTYPES = ("float32", "float16", "bfloat16")
 
 
 # ------------------------------------------------------------------------------------------ routes
 
 
-def _save_hf(model: nn.Module, model_dir: Path, out: Path, dtype: str) -> None:
-    model = model.to(DTYPES[dtype])
-    model.config.dtype = dtype
-    model.save_pretrained(out, max_shard_size="2GB")
-    load_tokenizer(model_dir).save_pretrained(out)
-
-
-def _merged_hf(model: nn.Module, model_dir: Path, out: Path, dtype: str) -> None:
-    import copy
-
-    _save_hf(merge_and_unload(copy.deepcopy(model)), model_dir, out, dtype)
-
-
 def _merged(to: str, model, model_dir: Path, tmp: Path, dtype: str, quant: Optional[str]) -> list[str]:
-    if to == "safetensors":
-        _merged_hf(model, model_dir, tmp, dtype)
-        return sorted(p.name for p in tmp.iterdir())
-    # The scratch HF directory lives inside the temporary output, so an interrupt at any moment (even while the
-    # scratch is being created or removed) leaves nothing behind: the temporary output is removed whole.
-    with tempfile.TemporaryDirectory(prefix=".psoft-merged-", dir=tmp) as scratch:
-        _merged_hf(model, model_dir, Path(scratch), "float32")
-        if to == "onnx":
-            from converters import onnx as conv
-
-            conv.export_merged(Path(scratch), tmp)
-        else:
-            from converters import gguf as conv
-
-            conv.export_model(Path(scratch), tmp / "model.gguf", quant or dtype)
-    return sorted(p.name for p in tmp.iterdir())
+    """The in-memory merged route of format ``to`` (the streamed one is :mod:`psoft_export.streamed`)."""
+    return converters.module(to).write_merged(Job(model, model_dir, Path(), dtype, quant), tmp)
 
 
 def _reference_loader(
@@ -134,74 +97,25 @@ def _keep_unverified(tmp: Path, out_dir: Path) -> Optional[Path]:
     return kept
 
 
-def _split(
-    to: str,
-    model,
-    model_dir: Path,
-    adapter_dir: Path,
-    tmp: Path,
-    dtype: str,
-    quant: Optional[str],
-    lora_rank: Optional[int],
-    kind: str,
-    record: Optional[dict] = None,
-) -> tuple[list[str], dict]:
-    layers = adapter_layers(model)
-    if to == "safetensors":
-        (tmp / "adapter").mkdir()
-        for name in ADAPTER_FILES:
-            if (adapter_dir / name).is_file():
-                shutil.copy2(adapter_dir / name, tmp / "adapter" / name)
-        if (adapter_dir / adapter_io.DECOMPOSITION_DIR).is_dir():
-            shutil.copytree(adapter_dir / adapter_io.DECOMPOSITION_DIR, tmp / "adapter" / adapter_io.DECOMPOSITION_DIR)
-        is_oft = any(isinstance(l, OftLinear) for l in layers.values())
-        if is_oft and lora_rank is None:
-            return ["adapter"], {}
-        return ["adapter", "lora"], write_lora_dir(model, model_dir, adapter_dir, tmp / "lora", lora_rank)
-    if kind == "classify":
-        raise UserInputError(
-            f"a classification adapter carries a new head: export it merged (drop --split) for --to {to}"
-        )
-    if to == "onnx":
-        from converters import onnx as conv
-
-        if any(isinstance(l, OftLinear) for l in layers.values()) and lora_rank is None:
-            conv.export_split(model_dir, tmp, oft_targets={n: l.block_size for n, l in layers.items()})
-            with torch.no_grad():
-                rotations = {n: l.rotation_blocks().expand(l.num_blocks, -1, -1).float() for n, l in layers.items()}
-            conv.write_adapter(tmp / "adapter.onnx_adapter", oft=rotations)
-            return sorted(p.name for p in tmp.iterdir()), {}
-        factors, alpha, errors = lora_form(model, lora_rank)
-        conv.export_split(model_dir, tmp, lora_targets=list(factors))
-        conv.write_adapter(
-            tmp / "adapter.onnx_adapter", lora=factors, scaling=alpha / next(iter(factors.values()))[0].shape[0]
-        )
-        return sorted(p.name for p in tmp.iterdir()), errors
-    from converters import gguf as conv
-
-    factors, alpha, errors = lora_form(model, lora_rank)  # QOFT: of the dequantized weights (reference_model's)
-    base = quantized.base_transform(record, model_dir) if record is not None else None  # the base as trained
-    conv.export_model(model_dir, tmp / "model.gguf", quant or dtype, transform=base)
-    conv.export_lora_adapter(model_dir, factors, alpha, tmp / "adapter.gguf")
-    return ["model.gguf", "adapter.gguf"], errors
-
-
 # ------------------------------------------------------------------------------------------ a quantized base (QOFT)
 
 
 def quantized_base(adapter_dir: Path, to: str, split: bool) -> Optional[dict]:
     """The adapter's ``quantized_base`` record (``None``: trained over float weights); refuses the routes that do not
-    reproduce a quantized base yet."""
+    reproduce a quantized base yet (:attr:`converters.Format.quantized_base`)."""
     record = quantized.record_of(adapter_io.read_meta(adapter_dir))
-    if record is not None and (to == "onnx" or (split and to != "gguf")):
+    if record is not None and ("split" if split else "merged") not in FORMATS[to].quantized_base:
+        routes = [f"{r} --to {f.name}" for f in FORMATS.values() for r in f.quantized_base]
         raise UserInputError(
-            f"{adapter_dir} was trained over a {record['quant_type']} base: it exports merged --to "
-            "safetensors or gguf, or --split --to gguf (the dequantized base + a LoRA form); use one of those"
+            f"{adapter_dir} was trained over a {record['quant_type']} base: it exports "
+            f"{', '.join(routes).replace('split --to', '--split --to')} (the dequantized base); use one of those"
         )
     return record
 
 
-def _dequantize_in_export(stream: Optional[Stream], record: dict, dtype: str, quant: Optional[str]) -> dict:
+def _dequantize_in_export(
+    stream: Optional[Stream], record: dict, dtype: str, quant: Optional[str], method: str
+) -> dict:
     """Have the export fold into the dequantized weights the adapter was trained over, and say so. Streamed: each
     quantized weight is round-tripped before its fold; in memory: :func:`verify.reference_model` (the model this
     route merges) already holds the round-tripped weights."""
@@ -217,7 +131,9 @@ def _dequantize_in_export(stream: Optional[Stream], record: dict, dtype: str, qu
         "modules": record["modules"],
         "written_as": quant or dtype,
         "requantized_as": quantized.requantized_as(quant, record["quant_type"]),
-        "folded_into": "dequant(quant(W)) of every quantized weight, as trained, then R",
+        "folded_into": "dequant(quant(W)) of every quantized weight, as trained, then the adapter's update ("
+        + ("W R^T" if method == "oft" else "W + s B (R - I) A")
+        + ")",
     }
 
 
@@ -230,31 +146,28 @@ def check_request(
     """Everything about the request that can be refused before any work."""
     if to not in FORMATS:
         raise UserInputError(f"unknown export format --to {to!r}: choose one of {', '.join(FORMATS)}")
+    fmt = FORMATS[to]
     if dtype not in DTYPES:
         raise UserInputError(f"unknown --dtype {dtype!r}: choose one of {SOURCE}, {', '.join(DTYPES)}")
-    if quant is not None and (to != "gguf" or quant not in QUANTS):
-        raise UserInputError(f"--quant {quant} is for --to gguf and must be one of {', '.join(QUANTS)}")
-    if to == "onnx" and dtype != "float32":
-        raise UserInputError(
-            "ONNX exports are float32 (ONNX Runtime's CPU provider refuses mixed half graphs): use --dtype float32"
-        )
-    if to == "gguf" and dtype == "bfloat16":
-        raise UserInputError(
-            "GGUF exports are float32, float16 or --quant q8_0/q4_0: use --dtype float16 for half precision"
-        )
+    if quant is not None and quant not in fmt.quants:
+        quants = [f"{q} (--to {f.name})" for f in FORMATS.values() for q in f.quants]
+        raise UserInputError(f"--quant {quant} is not written by --to {to}: choose one of {', '.join(quants)}")
+    if dtype not in fmt.dtypes:
+        raise UserInputError(fmt.dtype_hint)
     if lora_rank is not None and (lora_rank <= 0 or not split):
         raise UserInputError("--lora-rank K (K > 0) is for --split exports of OFT adapters")
     config = load_config(model_dir)
-    if to == "gguf" and config.model_type not in GGUF_TYPES:
+    if fmt.model_types is not None and config.model_type not in fmt.model_types:
+        others = [f"--to {f.name}" for f in FORMATS.values() if f.model_types is None]
         raise UserInputError(
-            f"GGUF export supports {', '.join(GGUF_TYPES)} models, not {config.model_type}: "
-            "use --to safetensors or --to onnx"
+            f"{to.upper()} export supports {', '.join(fmt.model_types)} models, not {config.model_type}: "
+            f"use {' or '.join(others)}"
         )
     peft = adapter_io.read_config(adapter_dir)
     adapter_io.method_config(peft, str(adapter_dir))
     quantized_base(adapter_dir, to, split)
     kind, _ = model_kind(model_dir, adapter_dir)
-    if split and kind == "classify" and to != "safetensors":
+    if split and kind == "classify" and not fmt.split_heads:
         raise UserInputError(
             f"a classification adapter carries a new head: export it merged (drop --split) for --to {to}"
         )
@@ -292,7 +205,8 @@ def merge(
     check_request(model_dir, adapter_dir, to, split, dtype, quant, lora_rank)
     check_output_dir(out_dir, overwrite, inputs=[model_dir, adapter_dir])
     stream, why = None, None
-    if to in STREAMED and not split:
+    streamed = to in FORMATS and FORMATS[to].streamed and not split
+    if streamed:
         stage("planning the streamed export (no model is built)")
         stream, why = stream_plan(
             model_dir, adapter_dir, quant or dtype, *model_kind(model_dir, adapter_dir), allow_pickle, to
@@ -318,21 +232,21 @@ def merge(
         "method": adapter_io.read_config(adapter_dir)["peft_type"].lower(),
         "psoft_export": __version__,
     }
-    if to in STREAMED and not split:
+    if streamed:
         info["streamed"] = stream is not None
         if why:
             info["in_memory_because"] = why
     record = quantized_base(adapter_dir, to, split)
     if record is not None:
-        info["quantized_base"] = _dequantize_in_export(stream, record, dtype, quant)
+        info["quantized_base"] = _dequantize_in_export(stream, record, dtype, quant, info["method"])
     with atomic_output_dir(out_dir, overwrite, inputs=[model_dir, adapter_dir], command="merge") as tmp:
         stage(f"writing the {'split' if split else 'merged'} {to} export" + (" tensor by tensor" if stream else ""))
         if stream is not None:
             files, errors = stream.write(tmp), {}
-        elif split:
-            files, errors = _split(to, model, model_dir, adapter_dir, tmp, dtype, quant, lora_rank, kind, record)
         else:
-            files, errors = _merged(to, model, model_dir, tmp, dtype, quant), {}
+            job = Job(model, model_dir, adapter_dir, dtype, quant, lora_rank, kind, record)
+            route = converters.module(to)
+            files, errors = route.write_split(job, tmp) if split else (route.write_merged(job, tmp), {})
         info["files"] = files
         if errors:
             info["lora_approximation"] = {"max_rel_err": max(errors.values()), "per_module": errors}

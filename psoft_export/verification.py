@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Callable, Mapping, Optional, Union
 
 import numpy as np
-import torch
 from torch import nn
 
+import converters
 from psoft_export import adapter_io, quantized, rounded
 from psoft_export.errors import UserInputError, VerificationError
 from psoft_export.models import (
@@ -38,43 +38,15 @@ from psoft_export.models import (
 
 EXPORT_FILE = "export.json"
 EXPORT_FORMAT = "psoft-export/export/1"
-# Relative error bars per (format, dtype) against the float32 PyTorch model with the adapter: the split exports and
-# ONNX (float32 only), whose reference is that model itself.
-TOLERANCES = {
-    ("safetensors", "float32"): 1e-4,
-    ("safetensors", "float16"): 1e-2,
-    ("safetensors", "bfloat16"): 6e-2,
-    ("onnx", "float32"): 1e-4,
-    ("gguf", "float32"): 2e-3,
-    ("gguf", "float16"): 2e-3,
-    ("gguf", "q8_0"): 3e-2,  # measured 4e-7 / 7e-4 / 1.7e-2
-    ("gguf", "q4_0"): 4e-1,  # split, measured 2.0e-1 (llama) / 2.5e-1 (qwen2) / 1.8e-1 (QOFT llama, rank-32 LoRA form)
-}
-# Merged safetensors and GGUF: bars against the rounded reference (see the module docstring). transformers runs the
-# export's own (widened) weights through the same float32 code as the reference: 1e-5 (measured 0). llama.cpp rounds
-# the activations to the weights' type before each product (F16, Q8_0), which no weight rounding reproduces: its bars
-# stay those of TOLERANCES (measured against the rounded reference on the Llama fixture: f32 3.7e-7, f16 2.4e-4).
-ROUNDED_TOLERANCES = {
-    ("safetensors", "float32"): 1e-5,
-    ("safetensors", "float16"): 1e-5,
-    ("safetensors", "bfloat16"): 1e-5,
-    ("gguf", "float32"): 2e-3,
-    ("gguf", "float16"): 2e-3,
-    ("gguf", "q8_0"): 3e-2,
-    ("gguf", "q4_0"): 6e-2,  # measured 1.0e-2 (llama) / 2.7e-2 (qwen2) / 7.5e-3 (QOFT llama): Q8_0 activations
-}
+# Relative error bars per (format, written type), from the format table (converters/__init__.py, with the measured
+# values): against the float32 PyTorch model with the adapter (split exports, ONNX); merged safetensors and GGUF
+# against the rounded reference (see the module docstring).
+TOLERANCES = converters.table("tolerances")
+ROUNDED_TOLERANCES = converters.table("rounded_tolerances")
 WEIGHTS_TOLERANCE = 1e-6  # every tensor of a merged export against the rounded merged reference (measured 0)
 # Loose bounds on the precision loss of a merged export against the float32 model with the adapter: reported always,
 # a failure only beyond these. float32 keeps its tight bar (there the loss is the fold's own arithmetic).
-PRECISION_BOUNDS = {
-    ("safetensors", "float32"): 1e-4,
-    ("safetensors", "float16"): 5e-2,
-    ("safetensors", "bfloat16"): 2e-1,
-    ("gguf", "float32"): 2e-3,
-    ("gguf", "float16"): 5e-2,
-    ("gguf", "q8_0"): 2e-1,
-    ("gguf", "q4_0"): 8e-1,  # 4 bits on the tiny random fixtures: measured 1.5e-1 (llama) / 5.3e-1 (qwen2)
-}
+PRECISION_BOUNDS = converters.table("precision_bounds")
 
 
 FLOAT32_REFERENCE = "the float32 PyTorch model with the adapter"
@@ -184,63 +156,15 @@ def read_inputs(path: Optional[str | Path]) -> Optional[list[str]]:
 # ------------------------------------------------------------------------------------------ runtimes
 
 
-def _run_safetensors(export_dir: Path, info: dict, inputs, kind: str, model_dir: Path) -> dict[str, np.ndarray]:
-    if not info["split"]:
-        model = load_base(export_dir, kind, info.get("classes"))
-        return {"": torch_outputs(model.float(), inputs, kind)}
-    out = {}
-    if (export_dir / "adapter").is_dir():
-        model = load_base(model_dir, kind, info.get("classes"), export_dir / "adapter")
-        adapter_io.load_adapter(model, export_dir / "adapter", model_dir)
-        out["[adapter/]"] = torch_outputs(model, inputs, kind)
-    if (export_dir / "lora").is_dir():  # the LoRA form, applied from its files by an independent reader
-        model = load_base(model_dir, kind, info.get("classes"), export_dir / "adapter")
-        if kind == "classify":
-            adapter_io.load_heads(model, export_dir / "adapter")
-        apply_lora_dir(model, export_dir / "lora")
-        out["[lora/]"] = torch_outputs(model, inputs, kind)
-    return out
+def _runtime(to: str) -> Callable:
+    def run(export_dir: Path, info: dict, inputs, kind: str, model_dir: Path) -> dict[str, np.ndarray]:
+        return converters.module(to).run(export_dir, info, inputs, kind, model_dir)
+
+    return run
 
 
-def apply_lora_dir(model: nn.Module, lora_dir: Path) -> None:
-    """``W += (alpha / r) B A`` for every tensor pair of a PEFT LoRA directory (an independent reader)."""
-    from safetensors.torch import load_file
-
-    from psoft_export.adapters.layout import weight_out_in
-
-    config = json.loads((lora_dir / adapter_io.CONFIG_FILE).read_text())
-    tensors = load_file(lora_dir / adapter_io.WEIGHTS_FILE)
-    scale = config["lora_alpha"] / config["r"]
-    with torch.no_grad():
-        for key, A in tensors.items():
-            if key.endswith(".lora_A.weight"):
-                module = key[len(adapter_io.PREFIX) : -len(".lora_A.weight")]
-                B = tensors[key.replace(".lora_A.", ".lora_B.")]
-                W = weight_out_in(model.get_submodule(module))
-                W.add_((scale * B.double() @ A.double()).to(W.dtype))
-
-
-def _run_onnx(export_dir: Path, info: dict, inputs, kind: str, model_dir: Path) -> np.ndarray:
-    from converters import onnx as conv
-
-    adapter = export_dir / "adapter.onnx_adapter" if info["split"] else None
-    out = conv.run_logits(export_dir, inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(), adapter)
-    return {"": next(iter(out.values()))}
-
-
-def _run_gguf(export_dir: Path, info: dict, inputs, kind: str, model_dir: Path) -> np.ndarray:
-    from converters import gguf as conv
-
-    adapter = export_dir / "adapter.gguf" if info["split"] else None
-    rows = []
-    for ids, mask in zip(inputs["input_ids"], inputs["attention_mask"]):
-        tokens = ids[mask.bool()].tolist()
-        logits = conv.run_logits(export_dir / "model.gguf", tokens, adapter)
-        rows.append(np.pad(logits, ((0, ids.numel() - len(tokens)), (0, 0))))
-    return {"": np.stack(rows)}
-
-
-RUNTIMES = {"safetensors": _run_safetensors, "onnx": _run_onnx, "gguf": _run_gguf}
+# Each format's ``run`` (its module imported on first use): ``{label: outputs}`` of an export in its own runtime.
+RUNTIMES = {name: _runtime(name) for name in converters.FORMATS}
 
 
 def read_export(export_dir: Path) -> dict:

@@ -34,6 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
+from converters import FORMATS
+
 if TYPE_CHECKING:
     import torch
 
@@ -68,7 +70,7 @@ CASES = {
     )
 }
 
-ALL_ROUTES = [(to, split) for to in ("safetensors", "onnx", "gguf") for split in (False, True)]
+ALL_ROUTES = [(to, split) for to in FORMATS for split in (False, True)]  # every format of converters.FORMATS
 # Not every route exists: GGUF is for llama/qwen2 (and OFT's full-rank update has no exact LoRA-only form, so no
 # GGUF split without --lora-rank); a classification adapter's new head cannot ride an ONNX split export.
 EXCLUDED = {

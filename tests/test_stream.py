@@ -1,8 +1,8 @@
 """Streamed merged safetensors export (``converters/safetensors.py`` via ``merge``): the model is never built.
 
 Oracle: the in-memory route it replaces (the reference model, ``merge_and_unload``, ``save_pretrained``:
-``psoft_export.merge._merged_hf``), run in the test. float32 must be byte-identical file by file (weights, config,
-generation config, tokenizer); half precision must be the float32 merge rounded to the dtype, bit for bit.
+``converters.safetensors.save_merged_hf``), run in the test. float32 must be byte-identical file by file (weights,
+config, generation config, tokenizer); half precision must be the float32 merge rounded to the dtype, bit for bit.
 Memory: a child process's peak RSS (``os.wait4``) against a baseline child that imports the same modules.
 """
 
@@ -23,9 +23,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from converters import safetensors as conv
+from converters.safetensors import save_merged_hf as _merged_hf
 from psoft_export.cli import cli
 from psoft_export.errors import VerificationError
-from psoft_export.merge import _merged_hf, merge
+from psoft_export.merge import merge
 from psoft_export.verify import reference_model
 from tests.conftest import MODELS, ROOT
 from tests.golden import ADAPTERS

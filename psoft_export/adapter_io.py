@@ -33,6 +33,7 @@ from torch import nn
 
 from psoft_export import __version__
 from psoft_export.adapters import OftConfig, OftLinear, PsoftConfig, PsoftLinear, adapter_layers, inject
+from psoft_export.adapters.bnb import is_quantized
 from psoft_export.adapters.cayley import skew_symmetric
 from psoft_export.adapters.layout import is_fan_in_fan_out, weight_out_in
 from psoft_export.atomic import atomic_file
@@ -220,6 +221,8 @@ def peft_psoft_form(layer: PsoftLinear, name: str) -> tuple[Optional[dict[str, t
     """PEFT's tensors for ``layer`` and the relative error of the layer output PEFT would compute from them
     (``max |x (dW_peft - dW_ours)^T| / max |x W_ours'^T|`` over seeded Gaussian probe rows); ``None`` and the
     reason when they cannot represent the adapter."""
+    if is_quantized(layer.base_layer):  # PEFT 0.21: "TypeError: PSOFT init requires float32/float16/bfloat16"
+        return None, float("inf"), f"{name}: PEFT's PSOFT refuses a quantized base layer (it needs a float weight)"
     O, A_peft, B_peft = peft_basis_change(layer)
     tensors = _conjugate(layer, O)
     if tensors is None:

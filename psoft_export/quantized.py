@@ -1,14 +1,16 @@
-"""QOFT: OFT over a base quantized with bitsandbytes (NF4), and what merging such an adapter has to reproduce.
+"""QOFT: OFT or PSOFT over a base quantized with bitsandbytes (NF4), and what merging such an adapter has to reproduce.
 
 Training loads the base with ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")``: every linear
 layer but the output head becomes a ``Linear4bit`` holding packed 4-bit codes and one absmax per 64 weights. OFT's
-rotation is applied to the *input* of that layer (``OftLinear.forward``), so the frozen base stays quantized and no
-dequantized weight is ever formed.
+rotation is applied to the *input* of that layer (``OftLinear.forward``); PSOFT's low-rank update is added beside
+its output (``PsoftLinear.forward``). The frozen base stays quantized and no dequantized weight is ever formed.
 
-The function that was trained is ``x R`` through ``dequant(quant(W))``. Quantization is deterministic, so the merge
-does not need the 4-bit model: it quantizes each float32 source weight exactly as transformers did at load time and
-dequantizes it again (:func:`round_trip`, bit for bit the model's own ``dequantize_4bit``), then folds ``R`` into
-that. Layers that were quantized but not adapted are round-tripped too (they were part of the trained function).
+The function that was trained is ``x R`` through ``dequant(quant(W))`` (OFT), or ``dequant(quant(W)) + s B (R - I) A``
+with ``A``, ``B`` from the original float weights (PSOFT: the run's decomposition, stored with the adapter;
+:func:`psoft_factors_from`). Quantization is deterministic, so the merge does not need the 4-bit model: it quantizes
+each float32 source weight exactly as transformers did at load time and dequantizes it again (:func:`round_trip`, bit
+for bit the model's own ``dequantize_4bit``), then folds the adapter into that. Layers that were quantized but not
+adapted are round-tripped too (they were part of the trained function).
 
 bitsandbytes' CPU forward repacks a 4-bit weight on its first no-grad eval call into an AVX512-BF16 layout whose
 absmax is rounded to bfloat16 (measured: 0.4% relative output change per layer), and that repacked kernel has no
@@ -91,9 +93,10 @@ def prepare_model(model: nn.Module) -> list[str]:
     return names
 
 
-def adapter_record(model: nn.Module, quantize: Optional[str]) -> dict:
+def adapter_record(model: nn.Module, quantize: Optional[str], decomposition: object = None) -> dict:
     """What the adapter's ``psoft_export.json`` records about a quantized base (``{}`` without one): the scheme,
-    enough to reproduce it bit for bit, and the modules it covered."""
+    enough to reproduce it bit for bit, the modules it covered and, for PSOFT, where its factors came from
+    (:func:`psoft_factors_from`; ``decomposition``: the run's, read from the float source)."""
     if quantize is None:
         return {}
     from transformers.pytorch_utils import Conv1D
@@ -122,8 +125,25 @@ def adapter_record(model: nn.Module, quantize: Optional[str]) -> dict:
             "compute_dtype": str(getattr(layer, "compute_dtype", torch.float32)).removeprefix("torch."),
             "modules": names,
             "fan_in_fan_out": transposed,
+            **psoft_factors_from(adapted, decomposition),
         }
     }
+
+
+def psoft_factors_from(layers: Mapping[str, nn.Module], decomposition: object = None) -> dict:
+    """``{"psoft_factors_from": ...}`` for PSOFT layers over a quantized base (``{}`` for OFT): ``original`` when
+    ``A``, ``B`` came from the run's decomposition of the float source weights (what ``train`` does: the update is
+    then float PSOFT's own, and the trained function is ``dequant(quant(W)) + s B (R - I) A`` with the float ``W``'s
+    subspace), ``dequantized`` when each layer computed them from its 4-bit weight (no factors given), ``given``
+    for factors handed in from elsewhere. The merge
+    folds the stored ``A``, ``B`` either way, so it reproduces whichever was trained."""
+    from psoft_export.adapters import PsoftLinear
+
+    sources = {layer.factors_from for layer in layers.values() if isinstance(layer, PsoftLinear)}
+    if not sources:
+        return {}
+    names = {"given": "original" if decomposition is not None else "given", "dequantized": "dequantized"}
+    return {"psoft_factors_from": "+".join(sorted(names[s] for s in sources))}
 
 
 def base_nbytes(model: nn.Module) -> int:

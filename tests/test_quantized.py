@@ -1,15 +1,15 @@
-"""QOFT (``psoft_export/quantized.py``): OFT over a bitsandbytes NF4 base, trained and merged.
+"""QOFT (``psoft_export/quantized.py``): OFT and PSOFT over a bitsandbytes NF4 base, trained and merged.
 
 Oracles: PEFT 0.21's OFT over the same NF4 base (outputs, 1e-5 relative to the output scale, float32 CPU); the
 4-bit layer's own dequantized weight (``bitsandbytes.functional.dequantize_4bit``) for the input-centric forward
-and for the exact fold ``dequant(W) R^T`` a merged export must hold (1e-6 per tensor).
+and for the exact fold ``dequant(W) R^T`` a merged export must hold (1e-6 per tensor). PSOFT (PEFT refuses a
+quantized base, so no PEFT oracle): a float64 recompute ``x dequant(W)^T + s x A^T (R - I)^T B^T`` of the forward,
+the exact fold ``dequant(W) + s B (R - I) A`` (1e-5 per tensor), and the in-memory model that was trained.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -24,10 +24,11 @@ from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from psoft_export import adapter_io, quantized  # noqa: E402
-from psoft_export.adapters import OftConfig, OftLinear, adapter_layers, inject  # noqa: E402
+from psoft_export.adapters import OftConfig, OftLinear, PsoftConfig, PsoftLinear, adapter_layers, inject  # noqa: E402
 from psoft_export.errors import UserInputError  # noqa: E402
 from psoft_export.merge import merge  # noqa: E402
-from psoft_export.train import TrainConfig, prepare, train, train_loop  # noqa: E402
+from psoft_export.subspace import principal_subspace, psoft_factors  # noqa: E402
+from psoft_export.train import TrainConfig, prepare, save_trained, train, train_loop  # noqa: E402
 from psoft_export.verify import verify  # noqa: E402
 from tests.conftest import MODELS, load_model, model_inputs, outputs, rel_err, require  # noqa: E402
 from tests.test_adapters_oft import randomize, to_peft  # noqa: E402
@@ -37,6 +38,7 @@ DATA = MODELS.parent / "data"
 BLOCK = 16
 TOL = 1e-5
 FAST = dict(method="oft", quantize="nf4", block_size=BLOCK, seq_len=64, batch_size=8, log_every=5, warmup=0.0)
+PSOFT = dict(method="psoft", quantize="nf4", rank=32, seq_len=64, batch_size=8, log_every=5, warmup=0.0)
 
 
 def load_nf4(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -212,7 +214,9 @@ def test_merge_folds_into_the_dequantized_weights(trained, tmp_path, dtype, tol)
 def test_unsupported_routes_are_refused(trained, tmp_path):
     adapter, _ = trained
     for kwargs in ({"to": "safetensors", "split": True}, {"to": "onnx", "dtype": "float32"}):
-        with pytest.raises(UserInputError, match="exports merged --to safetensors or gguf, or --split --to gguf"):
+        with pytest.raises(
+            UserInputError, match="exports merged --to safetensors, merged --to gguf, --split --to gguf"
+        ):
             merge(LLAMA, adapter, tmp_path / "out", **kwargs)
     layer = next(iter(adapter_layers(_nf4_with(adapter)).values()))
     with pytest.raises(UserInputError, match="quantized base layer"):
@@ -264,33 +268,15 @@ def _nf4_with(adapter):
     return model
 
 
-def test_psoft_over_a_quantized_base_is_refused():
-    with pytest.raises(UserInputError, match="trains OFT only"):
-        TrainConfig(method="psoft", quantize="nf4")
-    command = [
-        "train",
-        str(LLAMA),
-        "--data",
-        str(DATA / "train.jsonl"),
-        "-o",
-        "unused",
-        "--method",
-        "psoft",
-        "--quantize",
-        "nf4",
-    ]
-    proc = subprocess.run([sys.executable, "-m", "psoft_export", *command], capture_output=True, text=True)
-    assert proc.returncode == 2 and proc.stderr.strip().startswith("error: ") and len(proc.stderr.splitlines()) == 1, (
-        proc.stderr
-    )
-
-
+@pytest.mark.parametrize("method", ["oft", "psoft"])
 @pytest.mark.parametrize("model", ["gpt2", "qwen2"])
-def test_merge_other_layouts(tmp_path, model):
+def test_merge_other_layouts(tmp_path, model, method):
     """GPT-2's Conv1D weights are stored transposed but quantized as ``W`` (transformers transposes them first): the
-    streamed fold must round-trip ``W``, not the stored ``W^T``. Qwen2: biases stay float beside the 4-bit weights."""
+    streamed fold must round-trip ``W``, not the stored ``W^T``. Qwen2: biases stay float beside the 4-bit weights.
+    PSOFT's factors (from the decomposition, in ``(out, in)`` layout) meet the same round trip."""
     adapter = tmp_path / "adapter"
-    train(MODELS / model, DATA / "train.jsonl", adapter, TrainConfig(**{**FAST, "steps": 3, "lr": 2e-2}))
+    cfg = {**FAST, "steps": 3, "lr": 2e-2} if method == "oft" else {**PSOFT, "rank": 8, "steps": 3, "lr": 2e-2}
+    train(MODELS / model, DATA / "train.jsonl", adapter, TrainConfig(**cfg))
     record = adapter_io.read_meta(adapter)["quantized_base"]
     assert bool(record["fan_in_fan_out"]) == (model == "gpt2")
     summary = merge(MODELS / model, adapter, tmp_path / "out", "safetensors")
@@ -354,3 +340,174 @@ def test_a_repacked_layer_is_read_back_without_damage():
     err = rel_err(quantized.dequantized_weight(base), before)
     assert err <= 2**-8, f"repacked layer read back {err:.2e} from its weights (> bf16 absmax rounding 2^-8)"
     assert base.weight.quant_state.packing_format_for_cpu and base.weight.quant_state.absmax.dtype == torch.bfloat16
+
+
+# ------------------------------------------------------------------------------------------ PSOFT over NF4
+# PSOFT's update is low rank, so over a 4-bit base it runs beside the 4-bit kernel: y = base4bit(x) + s (x A^T)
+# (R - I)^T B^T. A and B come from the run's decomposition of the original float weights (the safetensors source):
+# the update is float PSOFT's own and the merge folds the stored factors into dequant(quant(W)).
+
+
+def _exact_fold(layer: PsoftLinear) -> torch.Tensor:
+    """``dequant(W) + s B (R - I) A`` in float64, from the 4-bit layer and the adapter's own tensors."""
+    core = layer.scaling * (layer.rotation().detach().double() - torch.eye(layer.rank, dtype=torch.float64))
+    return quantized.dequantized_weight(layer.base_layer).double() + layer.B.double() @ core @ layer.A.double()
+
+
+@pytest.fixture(scope="module")
+def psoft_trained(tmp_path_factory):
+    """PSOFT trained over NF4 (rank 32, 24 steps), saved as ``train`` saves it; also the trained model's logits and
+    exact folds, read from the in-memory model that ran the steps (the oracle an export must reproduce)."""
+    out = tmp_path_factory.mktemp("qpsoft") / "adapter"
+    run = prepare(
+        LLAMA, DATA / "train.jsonl", TrainConfig(**PSOFT, steps=24, lr=2e-2), decompose_into=out / "decomposition"
+    )
+    history = train_loop(run, out)["history"]
+    save_trained(run, out, LLAMA, history)
+    model = run.model.eval()
+    layers = adapter_layers(model)
+    assert all(isinstance(m, PsoftLinear) and quantized.is_quantized(m.base_layer) for m in layers.values())
+    folds = {name: _exact_fold(layer) for name, layer in layers.items()}
+    return out, history, outputs(model, model_inputs("llama")), folds
+
+
+def test_psoft_over_nf4_trains_and_records_its_factors(psoft_trained):
+    out, history, _, _ = psoft_trained
+    first = sum(h["loss"] for h in history[:4]) / 4
+    last = sum(h["loss"] for h in history[-4:]) / 4
+    assert first - last >= 0.1, f"PSOFT over NF4: mean loss of the first 4 steps {first:.4f}, last 4 {last:.4f}"
+    meta = adapter_io.read_meta(out)
+    assert meta["method"] == "psoft" and meta["train"]["quantize"] == "nf4"
+    record = meta["quantized_base"]
+    assert record["psoft_factors_from"] == "original" and set(meta["targets"]) <= set(record["modules"])
+    # No PEFT form: PEFT's PSOFT refuses a 4-bit base (test_peft_psoft_refuses_the_nf4_base), so none is written.
+    assert not meta["peft_form"]["faithful"] and "refuses a quantized base" in meta["peft_form"]["reason"]
+    assert not (out / adapter_io.WEIGHTS_FILE).exists() and not (out / adapter_io.CONFIG_FILE).exists()
+    print(f"PSOFT r=32 over NF4: mean loss of the first 4 steps {first:.3f}, last 4 {last:.3f}")
+
+
+def test_psoft_forward_over_4bit_is_the_kernel_plus_the_low_rank_update(monkeypatch):
+    """``y = x dequant(W)^T + s x A^T (R - I)^T B^T`` (float64 recompute, 1e-5 relative to the output scale: float32
+    arithmetic; bitsandbytes' exact CPU kernel pinned by ``quantized.prepare_model``), the base computed by the 4-bit
+    layer itself: no dequantized weight built by our code, no fused node over its packed codes."""
+    model = load_nf4()
+    name = "model.layers.0.mlp.down_proj"
+    base = model.get_submodule(name)
+    original = load_file(LLAMA / "model.safetensors")[f"{name}.weight"]
+    cfg = PsoftConfig(rank=16, alpha=16.0)
+    layer = PsoftLinear(base, cfg, factors=psoft_factors(principal_subspace(original, 16), cfg.scaling, cfg.init))
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        layer.q.copy_(0.3 * torch.randn(layer.q.shape, generator=gen))
+        layer.vector_a.copy_(1 + 0.2 * torch.randn(16, generator=gen))
+        layer.vector_b.copy_(1 + 0.2 * torch.randn(16, generator=gen))
+    expected_W = _exact_fold(layer)  # the oracle, built before the guards below
+    base_W = quantized.dequantized_weight(base).double()
+    monkeypatch.setattr(
+        "psoft_export.adapters.psoft.dequantized_weight", lambda m: pytest.fail("the forward dequantized the base")
+    )
+    monkeypatch.setattr(
+        "psoft_export.adapters.fused.psoft_linear", lambda *a, **k: pytest.fail("fused node over packed 4-bit codes")
+    )
+    calls = []
+    base.register_forward_hook(lambda *args: calls.append(1))
+    x = torch.randn(5, base.in_features, generator=gen)
+    for training in (True, False):
+        layer.train(training)
+        y = layer(x)
+        err = rel_err(y, x.double() @ expected_W.T)
+        assert err <= TOL, f"PSOFT over a 4-bit layer (train={training}): rel err vs float64 recompute {err:.2e}"
+    assert len(calls) == 2, "the 4-bit layer did not compute the base product"
+    assert rel_err(y, x.double() @ base_W.T) > 1e-2, "the adapter should change the output"
+    y.square().sum().backward()
+    assert layer.q.grad is not None and float(layer.q.grad.abs().max()) > 0, "no gradient reached the rotation"
+    assert base.weight.dtype == torch.uint8 and base.weight.grad is None
+    with pytest.raises(UserInputError, match="quantized base layer"):
+        layer.merge()
+    print(f"PSOFT over a 4-bit layer vs float64 recompute: {err:.2e}")
+
+
+def test_psoft_without_factors_takes_the_dequantized_weights_subspace():
+    """Handed no factors (``inject`` on a 4-bit model, no decomposition), a layer can only read the weight it computes
+    with: the dequantized one; the record says so."""
+    base = load_nf4().model.layers[1].self_attn.o_proj
+    cfg = PsoftConfig(rank=8, alpha=8.0)
+    layer = PsoftLinear(base, cfg)
+    A, B = psoft_factors(principal_subspace(quantized.dequantized_weight(base).double(), 8), cfg.scaling, cfg.init)
+    assert layer.factors_from == "dequantized"
+    err = rel_err(layer.B @ layer.A, B @ A)  # B A: the subspace's top-r part, free of the SVD's sign choices
+    assert err <= 1e-5, f"B A vs the dequantized weight's top-8 part (float64 SVD) {err:.2e}"
+    original = load_file(LLAMA / "model.safetensors")["model.layers.1.self_attn.o_proj.weight"]
+    A0, B0 = psoft_factors(principal_subspace(original.double(), 8), cfg.scaling, cfg.init)
+    assert rel_err(layer.B @ layer.A, B0 @ A0) > 1e-2, "the original weight's subspace was used"
+    assert quantized.psoft_factors_from({"o": layer}) == {"psoft_factors_from": "dequantized"}
+
+
+def test_peft_psoft_refuses_the_nf4_base():
+    """Where PEFT refuses: its PSOFT over the very base ``train --method psoft --quantize nf4`` trains over."""
+    from peft import PsoftConfig as PeftPsoftConfig
+
+    TrainConfig(method="psoft", quantize="nf4")  # accepted: the refusal is gone
+    with pytest.raises(TypeError, match="PSOFT init requires float32/float16/bfloat16"):
+        get_peft_model(load_nf4(), PeftPsoftConfig(r=8, target_modules="all-linear"))
+
+
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-5), ("bfloat16", 8e-3)])
+def test_psoft_merge_folds_into_the_dequantized_weights(psoft_trained, tmp_path, dtype, tol):
+    """Each exported weight is the exact fold ``dequant(W) + s B (R - I) A`` of the model that was trained (float64,
+    from its 4-bit layers and adapter), rounded to ``dtype``; the export's logits match that model, and the reported
+    error against the trained 4-bit model is within the bar. Folding into the original float weights is far off."""
+    adapter, _, trained_logits, folds = psoft_trained
+    summary = merge(LLAMA, adapter, tmp_path / "out", "safetensors", dtype=dtype)
+    assert summary["verification"]["ok"], summary["verification"]
+    q = summary["quantized_base"]
+    assert q["written_as"] == dtype and q["dequantized"] == 14 and q["requantized_as"] is None
+    exported = load_file(tmp_path / "out" / "model.safetensors")
+    source = load_file(LLAMA / "model.safetensors")
+    worst = 0.0
+    for name, W in folds.items():
+        err = rel_err(exported[f"{name}.weight"], W)
+        worst = max(worst, err)
+        assert err <= tol, f"{name}: exported weight vs dequant(W) + s B (R - I) A {err:.2e} > {tol} ({dtype})"
+    record = adapter_io.read_meta(adapter)["quantized_base"]
+    naive = source[f"{name}.weight"].double() + (W - quantized.round_trip(source[f"{name}.weight"], record).double())
+    assert rel_err(exported[f"{name}.weight"], naive) > 1e-2, "the fold must not use the original float weights"
+    gap = q["vs_trained_model"]["as_trained_rel_err"]
+    bound = 1e-5 if dtype == "float32" else 5e-2
+    assert gap <= bound, f"{dtype}: export vs the trained 4-bit model {gap:.2e} > {bound}"
+    if dtype == "float32":  # and against the very model that ran the steps, not a reload of the adapter
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+        err = rel_err(outputs(merged, model_inputs("llama")), trained_logits)
+        assert err <= TOL, f"export vs the in-memory trained 4-bit model {err:.2e} > {TOL}"
+        print(f"PSOFT float32 export vs the in-memory trained model: {err:.2e}")
+    print(
+        f"PSOFT {dtype}: weights vs exact fold {worst:.2e}; export vs trained 4-bit model {gap:.2e}, vs bitsandbytes' "
+        f"CPU inference kernel {q['vs_trained_model']['bnb_cpu_inference_rel_err']:.2e}"
+    )
+
+
+# GGUF routes of a PSOFT-over-NF4 adapter: (split, quant, bound on the error against the trained 4-bit model). The
+# split's LoRA form is exact (rank r, lora_A = (R - I) A, lora_B = s B): only the GGUF rounding costs.
+PSOFT_GGUF_ROUTES = [
+    (False, None, 1e-5),
+    (False, "q8_0", 5e-2),
+    (False, "q4_0", 3e-1),
+    (True, None, 1e-5),
+    (True, "q8_0", 5e-2),
+    (True, "q4_0", 3e-1),
+]
+
+
+@pytest.mark.parametrize("split,quant,bound", PSOFT_GGUF_ROUTES)
+def test_psoft_gguf_routes(psoft_trained, tmp_path, split, quant, bound):
+    require("llama_cpp")
+    adapter = psoft_trained[0]
+    summary = merge(LLAMA, adapter, tmp_path / "out", "gguf", split=split, quant=quant)
+    assert summary["verification"]["ok"], summary["verification"]
+    q = summary["quantized_base"]
+    assert q["written_as"] == (quant or "float32") and q["dequantized"] == 14
+    assert (q["requantized_as"] is None) == (quant is None)
+    gap = q["vs_trained_model"]["as_trained_rel_err"]
+    assert gap <= bound, f"PSOFT gguf split={split} {quant}: export vs the trained 4-bit model {gap:.2e} > {bound}"
+    inference = q["vs_trained_model"]["bnb_cpu_inference_rel_err"]
+    print(f"PSOFT gguf split={split} {quant}: export vs trained 4-bit model {gap:.2e} (bnb CPU kernel {inference:.2e})")

@@ -3,6 +3,10 @@
 Effective weight ``W + s B (R - I) A`` with ``s = alpha / r``; ``A`` ``(r, in)`` and ``B`` ``(out, r)`` are frozen
 buffers from the SVD (``psoft_export.subspace``), ``R = diag(vector_b) C(Q) diag(vector_a)`` is trained.
 See docs/adapters.md (PSOFT) for the math and PEFT's conventions.
+
+Over a bitsandbytes 4-bit base (``train --quantize``) the base layer is only ever called: ``y = base4bit(x) +
+s ((x A^T) (R - I)^T) B^T``, the low-rank update beside the 4-bit kernel, so the function is
+``dequant(quant(W)) + s B (R - I) A`` and no dequantized weight is formed in the forward pass.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from torch import nn
 
 from psoft_export.adapters import cayley as cay
 from psoft_export.adapters import fused
+from psoft_export.adapters.bnb import dequantized_weight, is_quantized
 from psoft_export.adapters.layout import features, is_fan_in_fan_out, is_linear, weight_out_in
 from psoft_export.errors import UserInputError
 from psoft_export.subspace import INITS, SVD_BACKENDS, check_rank, principal_subspace, psoft_factors
@@ -88,7 +93,8 @@ class PsoftLinear(nn.Module):
 
     Buffers ``A`` ``(r, in)``, ``B`` ``(out, r)`` (float32); parameters ``q`` ``(r (r-1) / 2,)`` (or ``(r, r)``
     when ``orth=False``), ``vector_a`` and ``vector_b`` ``(r,)`` when enabled. At init ``R = I`` exactly, so the
-    output equals the base layer's bit for bit.
+    output equals the base layer's bit for bit. A 4-bit base without given ``factors`` takes them from its
+    dequantized weight (``factors_from``: ``given``, ``weight`` or ``dequantized``).
     """
 
     def __init__(
@@ -106,8 +112,11 @@ class PsoftLinear(nn.Module):
         self.out_features, self.in_features = features(base_layer)
         r = config.rank
         check_rank(r, self.out_features, self.in_features, name)
-        if factors is None:
-            sub = principal_subspace(weight_out_in(base_layer), r, svd=config.svd, niter=config.niter, seed=config.seed)
+        self.factors_from = "given"
+        if factors is None:  # a 4-bit base: the only weight at hand is the one the layer computes with
+            self.factors_from = "dequantized" if is_quantized(base_layer) else "weight"
+            W = dequantized_weight(base_layer) if is_quantized(base_layer) else weight_out_in(base_layer)
+            sub = principal_subspace(W, r, svd=config.svd, niter=config.niter, seed=config.seed)
             factors = psoft_factors(sub, config.scaling, config.init)
         A, B = factors
         if tuple(A.shape) != (r, self.in_features) or tuple(B.shape) != (self.out_features, r):
@@ -117,7 +126,7 @@ class PsoftLinear(nn.Module):
                 "the decomposition is for another model or rank"
             )
         device = base_layer.weight.device
-        dtype = cay.compute_dtype(base_layer.weight.dtype)
+        dtype = cay.compute_dtype(base_layer.weight.dtype)  # float32 for a 4-bit base (uint8 codes)
         self.register_buffer("A", A.detach().to(device=device, dtype=dtype).contiguous())
         self.register_buffer("B", B.detach().to(device=device, dtype=dtype).contiguous())
         if config.orth:
@@ -166,8 +175,9 @@ class PsoftLinear(nn.Module):
         return core @ self.A, self.B.clone()
 
     def _fusable(self) -> bool:
-        """The fused node needs frozen ``A``, ``B`` and no active dropout (the adapter path sees the base's ``x``)."""
-        if self.path == "autograd" or self.A.requires_grad or self.B.requires_grad:
+        """The fused node needs a float base weight, frozen ``A``, ``B`` and no active dropout (the adapter path sees
+        the base's ``x``). A 4-bit base is called as it is, the update added beside it."""
+        if self.path == "autograd" or self.A.requires_grad or self.B.requires_grad or is_quantized(self.base_layer):
             return False
         return isinstance(self.dropout, nn.Identity) or not self.training or self.dropout.p == 0
 
@@ -189,6 +199,7 @@ class PsoftLinear(nn.Module):
         """Fold the update into the base weight in place: ``W <- W + s B (R - I) A``."""
         if self.merged:
             return
+        self._check_float_base()
         W = weight_out_in(self.base_layer)
         W.add_(self.delta_weight().to(W.dtype))
         self.merged = True
@@ -200,6 +211,13 @@ class PsoftLinear(nn.Module):
         W = weight_out_in(self.base_layer)
         W.sub_(self.delta_weight().to(W.dtype))
         self.merged = False
+
+    def _check_float_base(self) -> None:
+        if is_quantized(self.base_layer):
+            raise UserInputError(
+                "cannot merge into a quantized base layer in place: merge the adapter into the "
+                "float model (psoft-export merge folds it into the dequantized weights)"
+            )
 
     def extra_repr(self) -> str:
         c = self.config

@@ -14,7 +14,6 @@ from typing import Callable, Iterable, Optional, Union
 import torch
 from torch import nn
 
-from psoft_export.adapters.bnb import is_quantized
 from psoft_export.adapters.layout import features, is_linear, linear_around
 from psoft_export.adapters.oft import OftConfig, OftLinear, fitting_block_sizes
 from psoft_export.adapters.psoft import PsoftConfig, PsoftLinear
@@ -133,11 +132,6 @@ def inject(
             )
     if isinstance(config, OftConfig):
         _check_block_size(model, names, config.block_size)
-    elif any(is_quantized(model.get_submodule(n)) for n in names):
-        raise UserInputError(
-            "PSOFT over a quantized base is not supported (its subspace needs the original weights): "
-            "use --method oft with --quantize"
-        )
     layers: dict[str, nn.Module] = {}
     for name in names:  # build every layer first: a bad target leaves the model untouched
         base = model.get_submodule(name)

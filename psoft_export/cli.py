@@ -197,6 +197,7 @@ def _help(name: str) -> str:
 @click.option("--batch-size", type=int, default=8, show_default=True, help=_help("batch_size"))
 @click.option("--grad-accum", type=int, default=1, show_default=True, help=_help("grad_accum"))
 @click.option("--global-batch-size", type=int, default=None, help=_help("global_batch_size"))
+@click.option("--fsdp", is_flag=True, help=_help("fsdp"))
 @click.option("--seq-len", type=int, default=256, show_default=True, help=_help("seq_len"))
 @click.option("--cayley", type=click.Choice(["exact", "neumann"]), default=None, help=_help("cayley"))
 @click.option("--neumann-terms", type=int, default=6, show_default=True, help=_help("neumann_terms"))
@@ -320,7 +321,11 @@ def _print_report(report: dict) -> None:
     help="source, float32, float16 or bfloat16 (per format). source: merged safetensors keeps the source "
     "checkpoint's dtype (bf16 stays bf16); the other routes write float32.",
 )
-@click.option("--quant", default=None, help="GGUF quantization of the 2-D weights: q8_0.")
+@click.option(
+    "--quant",
+    default=None,
+    help="GGUF quantization of the 2-D weights: q8_0 or q4_0 (q4_0 keeps the output head Q8_0).",
+)
 @click.option(
     "--lora-rank", type=int, default=None, help="OFT to a LoRA-only target: rank of the truncated-SVD approximation."
 )

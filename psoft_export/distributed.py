@@ -231,14 +231,30 @@ def _global(data: data_mod.Dataset, cfg, world: World, pad_id: int, start: int) 
         epoch, offset = divmod(step, per_epoch)
         for rows in data_mod.batches(data, size, cfg.seed, epoch)[offset:]:
             total = sum(terms[i] for i in rows)
-            mine = split(rows, world.size)[world.rank]
-            micro = [mine[i : i + cfg.batch_size] for i in range(0, len(mine), cfg.batch_size)]
-            yield [
-                (data_mod.collate([data.rows[i] for i in m], pad_id), total / n)
-                for m, n in ((m, sum(terms[i] for i in m)) for m in micro)
-                if n
-            ]  # no term: nothing to add
+            micro = [_micro(part, cfg.batch_size, terms) for part in split(rows, world.size)]
+            mine = [(data_mod.collate([data.rows[i] for i in m], pad_id), total / n) for m, n in micro[world.rank]]
+            if getattr(cfg, "fsdp", False):  # every FSDP forward is a collective: as many as the busiest rank
+                filler = [next(i for i in rows if terms[i])] if any(micro) else []
+                mine += [(data_mod.collate([data.rows[i] for i in filler], pad_id), math.inf)] * (
+                    max(map(len, micro)) - len(mine)
+                )  # a real row whose loss has weight 0 (loss / inf): no gradient, no loss
+            yield mine
             step += 1
+
+
+def _micro(rows: list, batch: int, terms: list) -> list[tuple[list, int]]:
+    """``rows`` in micro-batches of ``batch`` with their loss terms; one without terms adds nothing and is left out."""
+    chunks = [rows[i : i + batch] for i in range(0, len(rows), batch)]
+    return [(m, n) for m, n in ((m, sum(terms[i] for i in m)) for m in chunks) if n]
+
+
+def eval_share(world: World, batches: list, lockstep: bool) -> list[tuple[list, bool]]:
+    """This rank's eval batches, each with whether it counts. ``lockstep`` (``--fsdp``, whose forwards are
+    collectives): padded with uncounted repeats of the first batch to as many as the busiest rank has."""
+    mine = [(b, True) for b in world.shard(batches)]
+    if lockstep and world.size > 1 and batches:
+        mine += [(batches[0], False)] * (len(batches[0 :: world.size]) - len(mine))
+    return mine
 
 
 def loss_terms(row: dict, kind: str) -> int:

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from psoft_export import adapter_io, distributed, quantized
+from psoft_export import adapter_io, distributed, fsdp, models, quantized
 from psoft_export import data as data_mod
 from psoft_export.adapters import adapter_layers, inject, parse_targets, select_targets
 from psoft_export.adapters.cayley import orthogonality_error
@@ -37,7 +37,6 @@ from psoft_export.checkpoint import (
 )
 from psoft_export.decomposition import Decomposition, resolve_device
 from psoft_export.errors import PsoftExportError, UserInputError
-from psoft_export.models import ENCODERS
 from psoft_export.train_config import TrainConfig, lr_at
 
 CHECKPOINTS = "checkpoints"
@@ -85,56 +84,6 @@ def _precision(precision: str, device: str) -> Optional[torch.dtype]:
     if precision == "fp16" and device != "cuda":  # CPU autocast runs bf16; fp16 needs CUDA (and its GradScaler)
         raise UserInputError("--precision fp16 needs a CUDA device: use --precision bf16 or fp32 on CPU")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def _load_model(
-    model_dir: Path, kind: str, classes: list, tokenizer, dtype, device: str, safe: dict, quantize: Optional[str] = None
-) -> tuple[nn.Module, list[str]]:
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    from transformers.utils import logging
-
-    config = load_config(model_dir)
-    base_dtype = dtype if dtype is not None else torch.float32
-    safe = {**safe, **quantized.load_kwargs(quantize, base_dtype, device, kind)}  # QOFT: a 4-bit base (quantized.py)
-    if kind != "classify" and config.model_type in ENCODERS:
-        raise UserInputError(
-            f'{model_dir} is an encoder ({config.model_type}): train it on {{"text", "label"}} data '
-            "(sequence classification), not language-modelling text"
-        )
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # "newly initialized ...": judged below, with a message that says what to do
-    try:
-        if kind == "classify":
-            model, info = AutoModelForSequenceClassification.from_pretrained(
-                model_dir, num_labels=len(classes), dtype=base_dtype, output_loading_info=True, **safe
-            )
-        else:
-            model, info = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=base_dtype, output_loading_info=True, **safe
-            )
-    finally:
-        logging.set_verbosity(verbosity)
-    if kind == "classify":
-        if model.config.pad_token_id is None:
-            model.config.pad_token_id = tokenizer.pad_token_id
-        # Modules the checkpoint did not have (the new head, BERT's pooler) are trained and saved with the adapter.
-        heads = sorted({k.rsplit(".", 1)[0] for k in info["missing_keys"]})
-        heads = [h for h in heads if not any(h.startswith(o + ".") for o in heads)]
-    else:
-        if info["missing_keys"]:  # e.g. a LlamaModel checkpoint with untied embeddings: no LM head to adapt
-            arch = (getattr(config, "architectures", None) or [config.model_type])[0]
-            raise UserInputError(
-                f"{model_dir} ({arch}) has no {info['missing_keys'][0]}: language-model training would start from a "
-                "random output layer; use the checkpoint with its LM head (...ForCausalLM), or train a classifier "
-                'on {"text", "label"} data'
-            )
-        heads = []
-    for head in heads:
-        model.get_submodule(head).float()
-    if quantize:  # placed by device_map already (bitsandbytes models refuse .to)
-        quantized.prepare_model(model)
-        return model, heads
-    return model.to(device), heads
 
 
 def prepare(
@@ -195,7 +144,10 @@ def prepare(
     train_set = data_mod.tokenize(records, kind, tokenizer, cfg.seq_len, classes)
     eval_set = data_mod.tokenize(eval_records[1], kind, tokenizer, cfg.seq_len, classes) if eval_records else None
     torch.manual_seed(cfg.seed)  # new heads are initialized from this seed
-    model, heads = _load_model(model_dir, kind, classes, tokenizer, dtype, device, safe, cfg.quantize)
+    load_on = fsdp.load_device(cfg.fsdp, device)  # --fsdp: read on the host, then only a shard on the device
+    model, heads = models.load_trainable(
+        model_dir, kind, classes, dtype, load_on, safe, cfg.quantize, tokenizer.pad_token_id
+    )
     inject(
         model,
         method_cfg,
@@ -207,6 +159,8 @@ def prepare(
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
+    if cfg.fsdp:
+        fsdp.shard(model, world, device)  # the frozen base sharded over the ranks (psoft_export/fsdp.py)
     per_epoch = math.ceil(len(train_set) / cfg.batch_size / cfg.grad_accum / world.size)
     total = cfg.steps or max(1, math.ceil((cfg.epochs or 1.0) * per_epoch))
     identity = {
@@ -315,7 +269,7 @@ def load_checkpoint(out_dir: Path, cfg: TrainConfig) -> dict:
             f"--resume: checkpoint {paths[-1]} is damaged ({type(exc).__name__}): move it away to "
             f"resume from the previous checkpoint{earlier}, or start again"
         ) from None
-    ignore = {"save_every", "eval_every", "log_every", "device", "grad_checkpointing"}
+    ignore = {"save_every", "eval_every", "log_every", "device", "grad_checkpointing", "fsdp"}
     if stored.global_batch_size is not None and stored.global_batch_size == cfg.global_batch_size:
         ignore |= {"batch_size", "grad_accum"}  # another split of the same global batch: distributed.check_resume
     changed = [
@@ -390,11 +344,13 @@ def evaluate(run: Run, data: data_mod.Dataset) -> float:
     """Mean loss over ``data`` (token-weighted for language modelling, row-weighted for classification)."""
     run.model.eval()
     total, count = 0.0, 0
-    for rows in run.world.shard(data_mod.batches(data, run.cfg.batch_size, seed=0, epoch=0)):
+    batches = data_mod.batches(data, run.cfg.batch_size, seed=0, epoch=0)
+    for rows, counted in distributed.eval_share(run.world, batches, run.cfg.fsdp):  # --fsdp: ranks in lockstep
         batch = _to(data_mod.collate([data.rows[i] for i in rows], run.tokenizer.pad_token_id), run.device)
         with _autocast(run):
             loss = run.model(**batch).loss.float()
         n = len(rows) if data.kind == "classify" else int((batch["labels"][:, 1:] != data_mod.IGNORE).sum())
+        n *= counted
         total, count = total + float(loss) * n, count + n
     total, count = run.world.sum([total, count], run.device)
     run.model.train()
@@ -611,6 +567,7 @@ def _train_replica(
     )
     distributed.meet(world, "setup")
     train_loop(run, out_dir, resume)
+    fsdp.for_saving(run)  # --fsdp: takes part in gathering what rank 0 saves
     distributed.meet(world, "done")
 
 
@@ -667,7 +624,7 @@ def _train_locked(
             shutil.rmtree(staging, ignore_errors=True)
     distributed.meet(world, "setup")  # the other ranks read out_dir from here on
     history = train_loop(run, out_dir, resume, progress, on_log)["history"]
-    peft_form = save_trained(run, out_dir, model_dir, history)
+    peft_form = save_trained(fsdp.for_saving(run), out_dir, model_dir, history)  # --fsdp: gathered to rank 0
     return {
         "output": str(out_dir),
         "steps": run.total_steps,
@@ -703,7 +660,7 @@ def save_trained(run: Run, out_dir: Path, model_dir: str | Path, history: list[d
                 "data_sha256": run.identity.get("data"),
             },
             "base_weights": run.identity.get("base_weights"),
-            **quantized.adapter_record(run.model, cfg.quantize),
+            **quantized.adapter_record(run.model, cfg.quantize, run.decomposition),
         }
         report = adapter_io.save_adapter(
             out_dir,

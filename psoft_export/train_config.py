@@ -77,7 +77,15 @@ class TrainConfig:
     quantize: Optional[str] = field(
         default=None,
         metadata={
-            "help": "Load the frozen base quantized with bitsandbytes (nf4) and train OFT over it (QOFT); OFT only."
+            "help": "Load the frozen base quantized with bitsandbytes (nf4) and train OFT or PSOFT over it (QOFT); "
+            "PSOFT's subspace comes from the original float weights."
+        },
+    )
+    fsdp: bool = field(
+        default=False,
+        metadata={
+            "help": "Under torchrun: shard the frozen base across the ranks with FSDP2 (the adapter stays whole on "
+            "each rank), for a base larger than one device's memory."
         },
     )
 
@@ -130,9 +138,9 @@ class TrainConfig:
                 f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}",
             ),
             (
-                self.quantize is None or self.method == "oft",
-                f"--quantize {self.quantize} trains OFT only (PSOFT's subspace needs the original weights): "
-                "use --method oft",
+                not (self.fsdp and self.quantize),
+                f"--fsdp with --quantize {self.quantize}: FSDP2 shards float parameters and bitsandbytes' 4-bit "
+                "weights are not ones; drop --quantize (FSDP shards the float base) or --fsdp",
             ),
         ]
         for ok, message in checks:
@@ -159,7 +167,13 @@ class TrainConfig:
 
     def for_world(self, ranks: int) -> "TrainConfig":
         """The config on ``ranks`` processes: with ``--global-batch-size`` G, the per-rank micro-batch is
-        ``--batch-size`` (or G / ranks when smaller) and ``--grad-accum`` is what makes G = batch x ranks x accum."""
+        ``--batch-size`` (or G / ranks when smaller) and ``--grad-accum`` is what makes G = batch x ranks x accum.
+        ``--fsdp`` needs 2 ranks or more."""
+        if self.fsdp and ranks < 2:
+            raise UserInputError(
+                "--fsdp shards the base across the ranks of a torchrun launch and this is one process: launch "
+                "with torchrun --nproc_per_node N (N >= 2), or drop --fsdp"
+            )
         if self.global_batch_size is None:
             return self
         total = self.global_batch_size

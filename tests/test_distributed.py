@@ -14,6 +14,7 @@ torchrun sets (rank 0 then hosts the rendezvous store): the same code, without 2
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing
 import os
 import shutil
@@ -413,4 +414,126 @@ def test_a_rank_that_cannot_reach_the_others_names_the_address(tmp_path):
     lines = result.stderr.splitlines()
     assert result.returncode == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith(f"error: rank 1 of 2 could not reach the others at 127.0.0.1:{port} within 2 s"), lines
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------ --fsdp (FSDP2)
+
+
+def assert_same_format(got: Path, want: Path) -> None:
+    """The same files, the same tensor names, shapes and dtypes, the same record but for ``train.fsdp``."""
+    assert sorted(p.name for p in got.iterdir()) == sorted(p.name for p in want.iterdir())
+    for name in ("psoft_export.safetensors", "adapter_model.safetensors"):
+        a, b = load_file(got / name), load_file(want / name)
+        assert {k: (v.shape, v.dtype) for k, v in a.items()} == {k: (v.shape, v.dtype) for k, v in b.items()}, name
+        errs = {k: rel(a[k], b[k]) for k in a}
+        assert max(errs.values()) <= TOL, f"{name}: {errs}"
+    ma, mb = (json.loads((d / "psoft_export.json").read_text()) for d in (got, want))
+    for meta in (ma, mb):
+        meta.pop("versions")
+        meta["peft_form"].pop("seconds")
+        meta["train"] = {k: v for k, v in meta["train"].items() if k not in ("fsdp", "final_loss", "eval_loss")}
+    ma["peft_form"]["rel_err"] = mb["peft_form"]["rel_err"] = None  # measured float rounding, not format
+    assert ma.keys() == mb.keys() and ma["peft_form"]["faithful"] == mb["peft_form"]["faithful"]
+
+
+@pytest.mark.parametrize("method", ["psoft", "oft"])
+def test_fsdp_trains_what_one_process_trains(one, tmp_path, method):
+    """--fsdp on 2 ranks (the base sharded, the adapter whole on each rank): the losses, gradient norms and eval
+    losses of every step and the final adapter of the single-process run, in the single-process run's format."""
+    out = tmp_path / "fsdp"
+    codes, _, errs = forked(argv(out, method, "--fsdp"), tmp_path / "logs")
+    assert codes == [0, 0], errs
+    assert_same_steps(out, one[method])
+    want = one["psoft"] if method == "psoft" else one["oft-split"]
+    assert_same_adapter(out, want)
+    assert_same_format(out, want)
+    state = torch.load(out / "checkpoints" / f"step-{STEPS:07d}.pt", weights_only=True)
+    assert all(type(t) is torch.Tensor for t in state["trainable"].values()), "checkpoints hold whole tensors"
+
+
+def test_fsdp_ranks_keep_in_step_on_a_short_last_batch(tmp_path):
+    """13 rows, global batch 8 as 2 ranks x micro-batches of 2: every second step has 5 rows, 3 on rank 0 (2
+    micro-batches) and 2 on rank 1 (1): rank 1 runs a zero-weight repeat so that FSDP's all-gathers pair up. The
+    losses are the single-process run's; the adapter is the 2-rank run's without --fsdp (the same micro-batches:
+    one process splits the short batch 2+2+1, whose padded widths round differently, 4.5e-5 measured)."""
+    rows = (DATA / "prompt_completion.jsonl").read_text().splitlines()[:13]
+    data = tmp_path / "short.jsonl"
+    data.write_text("\n".join(rows) + "\n")
+    cfg = {"method": "oft", "block_size": 16, "seq_len": 64, "lr": 1e-2, "steps": 4, "warmup": 0.0}
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()]
+    args = ["train", str(MODELS / "llama"), "--data", str(data), *flags]
+    for out, extra in (("fsdp", ["--fsdp"]), ("ddp", [])):
+        run = [*args, "-o", str(tmp_path / out), "--global-batch-size=8", "--batch-size=2", *extra]
+        codes, _, errs = forked(run, tmp_path / f"logs-{out}")
+        assert codes == [0, 0], errs
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(MODELS / "llama", data, tmp_path / "one", TrainConfig(**cfg, global_batch_size=8, batch_size=2))
+    finally:
+        torch.set_num_threads(threads)
+    a, b = logged(tmp_path / "fsdp"), logged(tmp_path / "one")
+    assert a == pytest.approx(b, rel=TOL) and len(a) == 4
+    assert_same_adapter(tmp_path / "fsdp", tmp_path / "ddp")
+
+
+def _holdings(rank: int, env: dict, path: Path) -> None:
+    """One forked rank: the model prepared with --fsdp, what this rank holds of it written to ``path``."""
+    os.environ.update(env, RANK=str(rank), LOCAL_RANK=str(rank))
+    code = 1
+    try:
+        from psoft_export import fsdp
+        from psoft_export.train import prepare
+
+        cfg = TrainConfig(method="oft", block_size=16, seq_len=32, fsdp=True).for_world(2)
+        with distributed.process_group(distributed.detect(), "cpu") as world:
+            run = prepare(MODELS / "llama", DATA / "train.jsonl", cfg, world=world)
+            path.with_suffix(f".{rank}").write_text(json.dumps(fsdp.local_bytes(run.model)))
+        code = 0
+    finally:
+        os._exit(code)
+
+
+def test_fsdp_holds_half_the_base_on_each_rank(tmp_path):
+    """The base's parameters are sharded (half on each of 2 ranks), the trainable tensors whole on both."""
+    from safetensors import safe_open
+
+    env = {"WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1"}
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_holdings, args=(r, env, tmp_path / "held")) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    held = [json.loads((tmp_path / f"held.{r}").read_text()) for r in range(2)]
+    with safe_open(MODELS / "llama" / "model.safetensors", "pt") as f:
+        base = sum(math.prod(f.get_slice(k).get_shape()) * 4 for k in f.keys())  # noqa: SIM118
+    assert held[0]["sharded"] + held[1]["sharded"] == base, (held, base)
+    assert abs(held[0]["sharded"] - held[1]["sharded"]) <= 0.02 * base, held
+    assert held[0]["other"] == held[1]["other"] == 0, "no frozen parameter left whole"
+    assert held[0]["trainable"] == held[1]["trainable"] > 0
+
+
+@pytest.mark.parametrize(
+    "extra,env,message",
+    [
+        (
+            ["--fsdp"],
+            {},
+            "error: --fsdp shards the base across the ranks of a torchrun launch and this is one process: launch "
+            "with torchrun --nproc_per_node N (N >= 2), or drop --fsdp",
+        ),
+        (
+            ["--fsdp", "--quantize", "nf4"],
+            {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"},
+            "error: --fsdp with --quantize nf4: FSDP2 shards float parameters and bitsandbytes' 4-bit weights are "
+            "not ones; drop --quantize (FSDP shards the float base) or --fsdp",
+        ),
+    ],
+)
+def test_fsdp_where_it_cannot_work_is_one_line_exit_2(tmp_path, extra, env, message):
+    result = _cli(tmp_path, *extra, env=env)
+    assert result.returncode == 2 and result.stderr.splitlines() == [message], result.stderr
     assert not (tmp_path / "out").exists()

@@ -125,6 +125,24 @@ ANGLE_TOL = 1e-7
 MAX_REFINEMENTS = 4
 
 
+def eigh_in_place(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (ascending) and eigenvectors (columns) of the symmetric ``G`` ``(n, n)``, which is destroyed.
+
+    On CPU: LAPACK ``syevd`` through SciPy with ``overwrite_a``, so the eigenvectors take ``G``'s memory and the
+    peak is ``G`` + syevd's ``2 n^2`` workspace = ``3 n^2``, where ``torch.linalg.eigh`` copies its input first
+    (``4 n^2``, measured 4.2 n^2 at n = 2048). ``syevr`` (MRRR, ``2 n^2``) was measured and rejected: 2.8-5.7x
+    slower at n = 2048 in SciPy's OpenBLAS (docs/benchmarks.md). Elsewhere (CUDA): ``torch.linalg.eigh``.
+    """
+    if G.device.type != "cpu":
+        return torch.linalg.eigh(G)
+    from scipy.linalg import eigh  # imported here: only the exact path needs SciPy's LAPACK
+
+    G = G.contiguous()
+    # G is symmetric, so its transpose (a Fortran-ordered view, what LAPACK overwrites without a copy) is G itself.
+    lam, V = eigh(G.numpy().T, overwrite_a=True, driver="evd", check_finite=False)
+    return torch.from_numpy(lam), torch.from_numpy(V)
+
+
 def gram_subspace(W: torch.Tensor, rank: int, tol: float = ANGLE_TOL) -> Subspace:
     """The exact top-``rank`` singular subspace of ``W`` ``(out, in)``, fast: ``eigh`` of the smaller Gram matrix
     in float32 for a first basis, then Rayleigh-Ritz refinement in float64 until the residual bound says so.
@@ -136,15 +154,19 @@ def gram_subspace(W: torch.Tensor, rank: int, tol: float = ANGLE_TOL) -> Subspac
     quadratically (two steps on an 8192x2048 random weight: 2e-5 -> 3e-9 -> 1e-13 rad). It stops when
     ``||G V - V diag(mu)||_F / (mu_r - lambda_{r+1}) <= tol`` (the sin-theta bound, stored as ``angle_bound``);
     if that does not happen in :data:`MAX_REFINEMENTS` steps (an ill-posed gap), a float64 ``eigh`` decides.
+    Memory: the Gram matrix decomposed in place (:func:`eigh_in_place`, ``3 n^2`` floats), then its eigenvectors
+    (``n^2``) while refining; the weight itself only a slab at a time.
     """
     W = W.detach() if isinstance(W, torch.Tensor) else W  # or a checkpoint.StoredMatrix, read a slab at a time
     f64 = W.dtype == torch.float64
     M = W if W.shape[0] >= W.shape[1] else W.T  # tall: M^T M is the smaller Gram matrix
     n = M.shape[1]
-    lam, V = torch.linalg.eigh(gram(M, torch.float64 if f64 else torch.float32))
-    lam, V = lam.flip(0).double(), V.flip(1)
-    # Only the top block is refined in float64; the rest of the float32 basis serves the first-order correction.
-    Vt, Vc, lc = V[:, :rank].double(), V[:, rank:], lam[rank:]
+    # Ascending order, never flipped (a flip copies n^2): the top block is the last ``rank`` columns.
+    lam, V = eigh_in_place(gram(M, torch.float64 if f64 else torch.float32))
+    k = n - rank
+    # Only the top block is refined in float64; the rest of the float32 basis (a view: no copy) and its eigenvalues
+    # ``lc`` (ascending, so ``lc[-1]`` is lambda_{r+1}) serve the first-order correction.
+    Vt, Vc, lc = V[:, k:].flip(1).double(), V[:, :k], lam[:k].double()
     del V
     bound = float("inf")
     for _ in range(MAX_REFINEMENTS + 1):
@@ -154,22 +176,23 @@ def gram_subspace(W: torch.Tensor, rank: int, tol: float = ANGLE_TOL) -> Subspac
         mu, Y = mu.flip(0), Y.flip(1)
         Vt, Z = Vt @ Y, Z @ Y
         residual = Z - Vt * mu
-        gap = float(mu[-1] - lc[0]) if rank < n else float("inf")
+        gap = float(mu[-1] - lc[-1]) if rank < n else float("inf")
         bound = float(torch.linalg.norm(residual)) / gap if gap > 0 else float("inf")
         if bound <= tol:
             break
         C = (Vc.T @ residual.to(Vc.dtype)).double() / (mu[None, :] - lc[:, None])
         Vt = torch.linalg.qr(Vt + (Vc @ C.to(Vc.dtype)).double()).Q
     else:
-        lam, V = torch.linalg.eigh(gram(M, torch.float64))
-        lam, V = lam.flip(0), V.flip(1)
-        mu, Vt, lc = lam[:rank], V[:, :rank].contiguous(), lam[rank:]
+        del Vc, Vt  # the float32 basis goes before the float64 Gram matrix comes
+        lam, V = eigh_in_place(gram(M, torch.float64))
+        mu, Vt, lc = lam[k:].flip(0), V[:, k:].flip(1).contiguous(), lam[:k]
+        del V
     S = mu.clamp_min(0).sqrt()
     if S[-1] <= 1e-6 * S[0]:  # a direction at the rounding floor is undetermined: let an SVD pick one
         U, S_all, Vh = torch.linalg.svd(_dense(W).double(), full_matrices=False)
         return _finish(U[:, :rank], S_all, Vh[:rank], W.dtype, 0.0)
     X = _apply(M, Vt) / S  # the other side's singular vectors
-    spectrum = torch.cat([S, lc.clamp_min(0).sqrt()])
+    spectrum = torch.cat([S, lc.flip(0).clamp_min(0).sqrt()])
     U, V = (X, Vt) if M is W else (Vt, X)
     return _finish(U, spectrum, V.T, W.dtype, bound if math.isfinite(bound) else None)
 

@@ -240,3 +240,126 @@ def test_weight_streamed_from_its_file_gives_the_same_subspace(tmp_path, dtype, 
     assert largest_principal_angle(a.U.double(), b.U.double()) < 1e-7
     assert largest_principal_angle(a.Vh.T.double(), b.Vh.T.double()) < 1e-7
     torch.testing.assert_close(a.S, b.S, rtol=1e-6, atol=0)
+
+
+def flat_at_rank(shape: tuple[int, int], rank: int, seed: int) -> torch.Tensor:
+    """``Q1 diag(s) Q2^T`` in float32 with a steep head (s_1 / s_r = 30) and s_r / s_{r+1} = 1.002: a float32
+    eigendecomposition of its Gram matrix is 1e-4..5e-3 rad off (eps32 * s_1^2 / (s_r^2 - s_{r+1}^2))."""
+    g = torch.Generator().manual_seed(seed)
+    m, n = shape
+    k = min(m, n)
+    Q1 = torch.linalg.qr(torch.randn(m, k, generator=g, dtype=torch.float64)).Q
+    Q2 = torch.linalg.qr(torch.randn(n, k, generator=g, dtype=torch.float64)).Q
+    s = torch.cat([torch.logspace(1.5, 0.001, rank, dtype=torch.float64), torch.linspace(1, 0.1, k - rank).double()])
+    return ((Q1 * s) @ Q2.T).float()
+
+
+@pytest.mark.parametrize(
+    "kind,shape,dtype,tol",
+    [
+        ("gaussian", (1200, 300), torch.float32, 1e-6),
+        ("gaussian", (300, 1200), torch.float32, 1e-6),
+        ("gaussian", (800, 200), torch.bfloat16, 1e-6),
+        ("gaussian", (400, 400), torch.float64, 1e-11),
+        ("steep-then-flat", (1200, 300), torch.float32, 1e-6),
+        ("steep-then-flat", (300, 1200), torch.float32, 1e-6),
+    ],
+)
+def test_exact_subspace_equals_a_float64_svd_on_a_flat_spectrum(kind, shape, dtype, tol):
+    """The default (``exact``) path against a float64 SVD of the stored weight, on spectra flat at rank r like
+    real weights' (s_r / s_{r+1} < 1.01; a Gaussian weight, and a steep head that makes the float32 eigenvectors
+    far off): both singular subspaces within ``tol`` rad (the float32 storage floor, ~3e-8 measured; the bar is
+    1e-5), every singular value, descending, and a computed bound <= 1e-7 rad. Bugs caught: the in-place,
+    ascending-order eigendecomposition read from the wrong end (the gap taken against the smallest eigenvalue,
+    which stops the refinement at the float32 basis; an unflipped tail spectrum)."""
+    from psoft_export.subspace import gram_subspace
+
+    rank = 16
+    if kind == "gaussian":
+        W = torch.randn(*shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64).to(dtype)
+    else:
+        W = flat_at_rank(shape, rank, seed=5).to(dtype)
+    U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    assert S[rank - 1] / S[rank] < 1.01, "the spectrum should be flat at the top (test would be vacuous)"
+    M = W.double() if shape[0] >= shape[1] else W.double().T
+    f32 = torch.linalg.eigh((M.T @ M).float()).eigenvectors[:, -rank:].T
+    right = Vh if shape[0] >= shape[1] else U.T
+    assert largest_principal_angle(f32, right[:rank]) > tol, "a float32 eigh alone would pass (test vacuous)"
+    sub = gram_subspace(W, rank)
+    assert largest_principal_angle(sub.Vh, Vh[:rank]) <= tol
+    assert largest_principal_angle(sub.U.T, U[:, :rank].T) <= tol
+    assert sub.spectrum.shape == S.shape and bool((sub.spectrum[:-1] >= sub.spectrum[1:]).all())
+    # The tail comes from the float32 Gram matrix's eigenvalues: each within ~eps32 * s_1^2 (Weyl).
+    torch.testing.assert_close(sub.spectrum.double().square(), S.square(), rtol=0, atol=1e-5 * float(S[0]) ** 2)
+    torch.testing.assert_close(sub.S.double(), S[:rank], rtol=1e-6, atol=0)
+    assert sub.angle_bound is not None and sub.angle_bound <= 1e-7
+
+
+def test_exact_subspace_of_an_ill_posed_gap_falls_back_to_float64():
+    """s_r == s_{r+1}: no refinement can certify the subspace, so a float64 eigendecomposition decides. Its
+    singular values and the well-posed top r - 1 directions are the float64 SVD's."""
+    from psoft_export.subspace import gram_subspace
+
+    g, rank = torch.Generator().manual_seed(6), 16
+    Q1 = torch.linalg.qr(torch.randn(400, 100, generator=g, dtype=torch.float64)).Q
+    Q2 = torch.linalg.qr(torch.randn(100, 100, generator=g, dtype=torch.float64)).Q
+    s = torch.linspace(2, 1, 100, dtype=torch.float64)
+    s[rank] = s[rank - 1]
+    W = ((Q1 * s) @ Q2.T).float()
+    sub = gram_subspace(W, rank)
+    assert sub.angle_bound is None or sub.angle_bound > 1e-7, "the refinement should not have converged"
+    torch.testing.assert_close(sub.spectrum.double(), s, rtol=1e-6, atol=0)
+    assert largest_principal_angle(sub.Vh[: rank - 1], Q2.T[: rank - 1]) <= 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eigh_in_place_overwrites_the_gram_matrix(dtype):
+    """The exact path's peak memory is this eigendecomposition: LAPACK writes the eigenvectors over the Gram
+    matrix (3 n^2 with syevd's workspace, against torch.linalg.eigh's 4 n^2: a copy of its input first). Same
+    eigenpairs as torch.linalg.eigh to the dtype's precision."""
+    from psoft_export.subspace import eigh_in_place
+
+    X = torch.randn(300, 120, generator=torch.Generator().manual_seed(7), dtype=dtype)
+    G = X.T @ X
+    ref_lam, ref_V = torch.linalg.eigh(G)
+    G0, ptr = G.clone(), G.data_ptr()
+    lam, V = eigh_in_place(G)
+    assert V.data_ptr() == ptr and V.dtype == dtype, "the eigenvectors should take the Gram matrix's memory"
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(lam, ref_lam, rtol=0, atol=50 * eps * float(ref_lam[-1]))
+    assert bool((lam[1:] >= lam[:-1]).all())
+    residual = (G0.double() @ V.double() - V.double() * lam.double()).norm() / float(ref_lam[-1])
+    assert residual <= 50 * eps
+    torch.testing.assert_close(V.double().T @ V.double(), torch.eye(120, dtype=torch.float64), rtol=0, atol=50 * eps)
+
+
+def test_streamed_stats_stay_within_a_slab_and_find_non_finite_values(tmp_path):
+    """decompose's first pass over a weight (hash, finiteness, squared norm: StoredMatrix.stats) holds one slab
+    plus float64 bands, not float64 copies of the slab: it was the exact path's peak (80 MiB at 16 MiB slabs,
+    docs/benchmarks.md). A NaN or Inf anywhere (the last element too) is found."""
+    from psoft_export import stored as st
+
+    st.unmap_freed_tensors()  # what decompose does: big blocks are mapped fresh, so VmHWM sees them
+    W = torch.randn(st.STREAM_BYTES // 4 // 1024, 1024, generator=torch.Generator().manual_seed(8))
+    (tmp_path / "config.json").write_text("{}")
+    save_file({"w": W}, tmp_path / "model.safetensors")
+    stored = ModelSource(tmp_path).matrix("w")
+
+    def status(key: str) -> float:
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith(key))
+        return int(line.split()[1]) / 1024
+
+    stored.stats()  # once first: torch's lazily started runtime (thread pools, kernels) is not the method's cost
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = status("VmRSS:")
+    digest, finite, frob2 = stored.stats()
+    added = status("VmHWM:") - before
+    assert digest == sha256_of(W) and finite
+    assert frob2 == pytest.approx(float(W.double().square().sum()), rel=1e-12)
+    bound = (st.STREAM_BYTES + 2 * st.BAND_BYTES) / 2**20 + 4  # the slab, a float64 band and isfinite's, slack
+    assert added <= bound, f"stats added {added:.1f} MiB > {bound:.0f} MiB for a {st.STREAM_BYTES >> 20} MiB slab"
+    for index, value in (((-1, -1), float("nan")), ((W.shape[0] // 2, 3), float("inf"))):
+        bad = W.clone()
+        bad[index] = value
+        save_file({"w": bad}, tmp_path / "model.safetensors")
+        assert not ModelSource(tmp_path).matrix("w").stats()[1], f"{value} at {index} not found"

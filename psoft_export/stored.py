@@ -112,6 +112,20 @@ class StoredMatrix:
         """``self^T @ Y`` in float64."""
         return self.T.apply(Y)
 
+    def gram_apply(self, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(P, self^T P)`` with ``P = self @ X``, in float64. Not transposed: one pass, each band read and widened
+        once for both products (``self^T self X = sum_b B_b^T (B_b X)``); a transposed view needs all of ``P`` before
+        its second product, so two passes."""
+        if self.transposed:
+            P = self.apply(X)
+            return P, self.apply_t(P)
+        parts, out = [], torch.zeros(self.shape[1], X.shape[1], dtype=torch.float64)
+        for _, band in self._bands():
+            band = band.double()
+            parts.append(band @ X)
+            out.addmm_(band.T, parts[-1])
+        return torch.cat(parts), out
+
     def gram(self, dtype: torch.dtype) -> torch.Tensor:
         """``self^T self`` in ``dtype``, accumulated band by band (each band upcast on its own)."""
         rows, cols = self.stored

@@ -120,6 +120,14 @@ def _apply_t(M: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _gram_apply(M, X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(M X, M^T M X)`` in float64 (a weight left in its file: one pass where its layout allows)."""
+    if hasattr(M, "gram_apply"):
+        return M.gram_apply(X)
+    P = _apply(M, X)
+    return P, _apply_t(M, P)
+
+
 # Stop refining once the Davis-Kahan bound on the largest principal angle to the exact subspace is below this.
 ANGLE_TOL = 1e-7
 MAX_REFINEMENTS = 4
@@ -170,11 +178,11 @@ def gram_subspace(W: torch.Tensor, rank: int, tol: float = ANGLE_TOL) -> Subspac
     del V
     bound = float("inf")
     for _ in range(MAX_REFINEMENTS + 1):
-        Z = _apply_t(M, _apply(M, Vt))
+        P, Z = _gram_apply(M, Vt)
         H = Vt.T @ Z
         mu, Y = torch.linalg.eigh((H + H.T) / 2)
         mu, Y = mu.flip(0), Y.flip(1)
-        Vt, Z = Vt @ Y, Z @ Y
+        Vt, Z, P = Vt @ Y, Z @ Y, P @ Y  # P = M Vt still: the other side's vectors need no pass of their own
         residual = Z - Vt * mu
         gap = float(mu[-1] - lc[-1]) if rank < n else float("inf")
         bound = float(torch.linalg.norm(residual)) / gap if gap > 0 else float("inf")
@@ -183,7 +191,8 @@ def gram_subspace(W: torch.Tensor, rank: int, tol: float = ANGLE_TOL) -> Subspac
         C = (Vc.T @ residual.to(Vc.dtype)).double() / (mu[None, :] - lc[:, None])
         Vt = torch.linalg.qr(Vt + (Vc @ C.to(Vc.dtype)).double()).Q
     else:
-        del Vc, Vt  # the float32 basis goes before the float64 Gram matrix comes
+        del Vc, Vt, P  # the float32 basis goes before the float64 Gram matrix comes
+        P = None
         lam, V = eigh_in_place(gram(M, torch.float64))
         mu, Vt, lc = lam[k:].flip(0), V[:, k:].flip(1).contiguous(), lam[:k]
         del V
@@ -191,7 +200,7 @@ def gram_subspace(W: torch.Tensor, rank: int, tol: float = ANGLE_TOL) -> Subspac
     if S[-1] <= 1e-6 * S[0]:  # a direction at the rounding floor is undetermined: let an SVD pick one
         U, S_all, Vh = torch.linalg.svd(_dense(W).double(), full_matrices=False)
         return _finish(U[:, :rank], S_all, Vh[:rank], W.dtype, 0.0)
-    X = _apply(M, Vt) / S  # the other side's singular vectors
+    X = (_apply(M, Vt) if P is None else P) / S  # the other side's singular vectors
     spectrum = torch.cat([S, lc.flip(0).clamp_min(0).sqrt()])
     U, V = (X, Vt) if M is W else (Vt, X)
     return _finish(U, spectrum, V.T, W.dtype, bound if math.isfinite(bound) else None)

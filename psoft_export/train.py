@@ -362,16 +362,9 @@ def orthogonality(model: nn.Module) -> float:
     worst = 0.0
     with torch.no_grad():
         for layer in adapter_layers(model).values():
-            R = layer.rotation_blocks() if hasattr(layer, "rotation_blocks") else _pure_rotation(layer)
+            R = layer.rotation_blocks() if hasattr(layer, "rotation_blocks") else layer.orthogonal_part()
             worst = max(worst, float(orthogonality_error(R).max()))
     return worst
-
-
-def _pure_rotation(layer) -> torch.Tensor:
-    from psoft_export.adapters import cayley as cay
-
-    c = layer.config
-    return cay.orthogonal(layer.q, c.rank, c.cayley, c.neumann_terms, c.neumann_eps) if c.orth else layer.q
 
 
 def _diverged(value: float, step: int, last_good: Optional[Path], out_dir: Path) -> str:

@@ -147,13 +147,17 @@ class PsoftLinear(nn.Module):
     def rank(self) -> int:
         return self.config.rank
 
-    def rotation(self) -> torch.Tensor:
-        """``R = diag(vector_b) C(Q) diag(vector_a)`` ``(r, r)`` in float32 (float64 for float64 layers)."""
+    def orthogonal_part(self) -> torch.Tensor:
+        """``C(Q)`` ``(r, r)``, the rotation without the scaling vectors (``q`` itself when ``orth=False``): what
+        training watches for orthogonality."""
         c = self.config
         if c.orth:
-            R = cay.orthogonal(self.q, c.rank, c.cayley, c.neumann_terms, c.neumann_eps)
-        else:
-            R = self.q.to(cay.compute_dtype(self.q.dtype))
+            return cay.orthogonal(self.q, c.rank, c.cayley, c.neumann_terms, c.neumann_eps)
+        return self.q.to(cay.compute_dtype(self.q.dtype))
+
+    def rotation(self) -> torch.Tensor:
+        """``R = diag(vector_b) C(Q) diag(vector_a)`` ``(r, r)`` in float32 (float64 for float64 layers)."""
+        R = self.orthogonal_part()
         if self.vector_b is not None:
             R = self.vector_b[:, None] * R
         if self.vector_a is not None:

@@ -318,8 +318,8 @@ def _print_report(report: dict) -> None:
     "--dtype",
     default="source",
     show_default=True,
-    help="source, float32, float16 or bfloat16 (per format). source: merged safetensors keeps the source "
-    "checkpoint's dtype (bf16 stays bf16); the other routes write float32.",
+    help="source, float32, float16 or bfloat16 (per format). source: merged safetensors and GGUF keep the "
+    "source checkpoint's dtype (bf16 stays bf16); the other routes write float32.",
 )
 @click.option(
     "--quant",

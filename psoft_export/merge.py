@@ -73,14 +73,17 @@ def _reference_loader(
 
 
 def resolve_dtype(model_dir: Path, to: str, split: bool, dtype: Optional[str]) -> tuple[str, str]:
-    """``(dtype, where it comes from)``: ``--dtype`` as given, else the source's for merged safetensors (bf16
-    stays bf16), else float32 (what ONNX and GGUF take, and what a split export's checks run in)."""
+    """``(dtype, where it comes from)``: ``--dtype`` as given, else the source's for merged safetensors and GGUF
+    (bf16 stays bf16), else float32 (what ONNX takes, and what a split export's checks run in)."""
     if dtype not in (None, SOURCE):
         return dtype, "--dtype"
-    if to == "safetensors" and not split and any((model_dir / f).is_file() for f in (SINGLE, INDEX)):
+    fmt = FORMATS.get(to)
+    if fmt is not None and fmt.streamed and not split and any((model_dir / f).is_file() for f in (SINGLE, INDEX)):
         from converters.safetensors import source_dtype
 
-        return source_dtype(model_dir), "source"
+        source = source_dtype(model_dir)
+        if source in fmt.dtypes:
+            return source, "source"
     return "float32", "default"
 
 

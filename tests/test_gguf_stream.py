@@ -23,7 +23,12 @@ from tests.golden import ADAPTERS
 from tests.test_stream import assert_streamed_peak, peft_only, resave
 
 CASES = {"llama-psoft": "llama", "qwen2-psoft": "qwen2", "llama-oft": "llama"}
-TYPES = {"float32": ("float32", None), "float16": ("float16", None), "q8_0": ("float32", "q8_0")}
+TYPES = {
+    "float32": ("float32", None),
+    "float16": ("float16", None),
+    "bfloat16": ("bfloat16", None),
+    "q8_0": ("float32", "q8_0"),
+}
 
 
 def in_memory_gguf(model_dir, adapter, out, dtype, quant):
@@ -59,6 +64,24 @@ def test_bf16_sharded_source_streams_to_the_same_file(tmp_path):
     assert summary["streamed"] and summary["dtype"] == "float16"
     expected = in_memory_gguf(model_dir, adapter, tmp_path / "memory", "float16", None)
     assert (tmp_path / "stream" / "model.gguf").read_bytes() == expected.read_bytes()
+
+
+def test_a_bf16_source_exports_bf16_gguf_by_default(tmp_path):
+    """``--dtype source`` (the default) keeps a bf16 checkpoint bf16 in GGUF too: BF16 weights, 1-D tensors F32,
+    verified in llama.cpp against the rounded reference within the bf16 bar; a float32 source stays float32."""
+    from converters import gguf as gg
+    from converters import table
+
+    model_dir = resave(MODELS / "llama", tmp_path / "bf16", torch.bfloat16, shard="150KB")
+    adapter = peft_only(ADAPTERS / "llama-psoft", tmp_path / "adapter")
+    summary = merge(model_dir, adapter, tmp_path / "out", "gguf")
+    assert (summary["dtype"], summary["dtype_from"], summary["streamed"]) == ("bfloat16", "source", True), summary
+    report = summary["verification"]
+    assert report["ok"] and report["tolerance"] == table("rounded_tolerances")[("gguf", "bfloat16")], report
+    types = {t["name"]: t["type"] for t in gg.describe(tmp_path / "out" / "model.gguf")["tensors"]}
+    assert types["blk.0.attn_q.weight"] == "BF16" and types["blk.0.attn_norm.weight"] == "F32", types
+    f32 = merge(MODELS / "llama", ADAPTERS / "llama-psoft", tmp_path / "f32", "gguf", verify=False)
+    assert (f32["dtype"], f32["dtype_from"]) == ("float32", "source"), f32
 
 
 def test_a_layer_left_unfolded_fails_verification(tmp_path, monkeypatch):

@@ -32,10 +32,15 @@ import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks._child import run_measured  # noqa: E402
 
 VARIANTS = ("ours-exact", "ours-lowrank", "ours-full", "peft-full", "peft-lowrank")
 PROJ = (
@@ -302,22 +307,8 @@ def self_peak_rss_mb() -> float:
 # ----------------------------------------------------------------------------------------------- the parent
 def spawn(argv: list[str], threads: int) -> tuple[str, float, int]:
     """Run this script with ``argv``; stdout, peak RSS (MiB, from ``wait4``) and exit code."""
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    proc = subprocess.Popen(
-        [sys.executable, str(Path(__file__).resolve()), *argv], stdout=subprocess.PIPE, env=env, text=True
-    )
-    stdout = proc.stdout.read()
-    proc.stdout.close()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return stdout, usage.ru_maxrss / 1024, proc.returncode
+    stdout, _, peak, rc = run_measured([str(Path(__file__).resolve()), *argv], threads)
+    return stdout, peak, rc
 
 
 def common_argv(args: argparse.Namespace) -> list[str]:

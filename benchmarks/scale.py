@@ -39,12 +39,15 @@ import json
 import os
 import shlex
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks._child import run_measured  # noqa: E402
+
 MB = 2**20
 SHAPES = {
     "1b": {
@@ -149,20 +152,9 @@ def _numel(shape) -> int:
 # ----------------------------------------------------------------------------------------------- the parent
 def spawn(argv: list[str], threads: int, log: Path | None = None) -> tuple[float, float, int]:
     """Run ``python argv``; seconds, peak RSS (MiB, ``wait4``) and exit code (output to ``log``)."""
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-        HF_HUB_OFFLINE="1",
-        TRANSFORMERS_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONPATH=str(ROOT),
-    )
     with open(log or os.devnull, "w") as out:
-        start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, *argv], stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    return time.perf_counter() - start, usage.ru_maxrss / 1024, os.waitstatus_to_exitcode(status)
+        _, seconds, peak, rc = run_measured(argv, threads, output=out, cwd=ROOT, PYTHONPATH=str(ROOT))
+    return seconds, peak, rc
 
 
 def step_argv(step: str, model: Path, work: Path, rank: int) -> list[str]:

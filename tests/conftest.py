@@ -39,6 +39,11 @@ def pytest_collection_modifyitems(config, items):
 _CACHE: dict[str, nn.Module] = {}
 
 
+def oft_train_args(model, data, out, *extra) -> list:
+    """``psoft-export train`` arguments of a small OFT run (block size 16) of ``model`` on ``data`` into ``out``."""
+    return ["train", model, "--data", data, "-o", out, "--method", "oft", "--block-size", 16, *extra]
+
+
 def load_model(name: str) -> nn.Module:
     """A fresh float32 copy of fixture ``name`` in eval mode (loaded once per session, then deep-copied)."""
     if name not in _CACHE:

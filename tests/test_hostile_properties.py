@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from psoft_export.cli import cli
-from tests.conftest import MODELS
+from tests.conftest import MODELS, oft_train_args
 
 DATA = MODELS.parent / "data"
 LLAMA = MODELS / "llama"
@@ -163,25 +163,6 @@ def test_malformed_jsonl_records(trained, record):
     data.write_text(json.dumps(record, allow_nan=True) + "\n" + json.dumps({"text": "a valid line"}) + "\n")
     out = root / "out"
     check_contract(
-        invoke(
-            [
-                "train",
-                LLAMA,
-                "--data",
-                data,
-                "-o",
-                out,
-                "--method",
-                "oft",
-                "--block-size",
-                16,
-                "--steps",
-                1,
-                "--seq-len",
-                16,
-                "--batch-size",
-                2,
-            ]
-        ),
+        invoke(oft_train_args(LLAMA, data, out, "--steps", 1, "--seq-len", 16, "--batch-size", 2)),
         out,
     )

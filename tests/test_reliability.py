@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from psoft_export.cli import cli
-from tests.conftest import MODELS, require
+from tests.conftest import MODELS, oft_train_args, require
 
 DATA = MODELS.parent / "data"
 LLAMA = str(MODELS / "llama")
@@ -100,22 +100,7 @@ def test_pickled_weights_are_refused_unless_allowed(tmp_path):
             shutil.copy(MODELS / "llama" / f, model / f)
     torch.save(load_file(MODELS / "llama" / "model.safetensors"), model / "pytorch_model.bin")
     out = tmp_path / "adapter"
-    args = [
-        "train",
-        model,
-        "--data",
-        DATA / "train.jsonl",
-        "-o",
-        out,
-        "--method",
-        "oft",
-        "--block-size",
-        "16",
-        "--steps",
-        "1",
-        "--seq-len",
-        "32",
-    ]
+    args = oft_train_args(model, DATA / "train.jsonl", out, "--steps", "1", "--seq-len", "32")
     assert_clean_failure(invoke(args), "pickled weights", out)
     result = invoke([*args, "--allow-pickle"])
     assert result.exit_code == 0, result.output
@@ -436,24 +421,7 @@ def test_completion_prompt_longer_than_seq_len_is_found_before_training(tmp_path
     data = write(tmp_path / "long.jsonl", json.dumps({"prompt": "word " * 200, "completion": " end"}) + "\n")
     out = tmp_path / "out"
     assert_clean_failure(
-        invoke(
-            [
-                "train",
-                LLAMA,
-                "--data",
-                data,
-                "-o",
-                out,
-                "--method",
-                "oft",
-                "--block-size",
-                16,
-                "--seq-len",
-                16,
-                "--steps",
-                1,
-            ]
-        ),
+        invoke(oft_train_args(LLAMA, data, out, "--seq-len", 16, "--steps", 1)),
         "record 1: its prompt fills all 16 tokens",
         out,
     )
@@ -463,22 +431,7 @@ def test_sparse_integer_labels_are_refused_at_once(tmp_path):
     data = write(tmp_path / "sparse.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 300000000}\n')
     out = tmp_path / "out"
     assert_clean_failure(
-        invoke(
-            [
-                "train",
-                str(MODELS / "bert"),
-                "--data",
-                data,
-                "-o",
-                out,
-                "--method",
-                "oft",
-                "--block-size",
-                16,
-                "--steps",
-                1,
-            ]
-        ),
+        invoke(oft_train_args(str(MODELS / "bert"), data, out, "--steps", 1)),
         "class ids 0..K-1",
         out,
     )
@@ -579,24 +532,7 @@ def test_seq_len_beyond_the_positions_is_refused(tmp_path):
     out = tmp_path / "out"
     limit = json.loads((MODELS / "gpt2" / "config.json").read_text())["n_positions"]
     assert_clean_failure(
-        invoke(
-            [
-                "train",
-                str(MODELS / "gpt2"),
-                "--data",
-                DATA / "train.jsonl",
-                "-o",
-                out,
-                "--method",
-                "oft",
-                "--block-size",
-                16,
-                "--steps",
-                1,
-                "--seq-len",
-                limit + 1,
-            ]
-        ),
+        invoke(oft_train_args(str(MODELS / "gpt2"), DATA / "train.jsonl", out, "--steps", 1, "--seq-len", limit + 1)),
         f"exceeds the {limit} positions",
         out,
     )

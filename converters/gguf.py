@@ -656,14 +656,11 @@ def describe(gguf_path: Path, max_array: int = 16) -> dict[str, Any]:
 
 
 def write_merged(job, out: Path) -> list[str]:
-    """The merged model saved as a float32 HF directory inside ``out``, then converted (``job.quant`` or dtype)."""
-    import tempfile
+    """The merged model's float32 HF directory (``safetensors.merged_scratch``) converted (``job.quant`` or dtype)."""
+    from converters.safetensors import merged_scratch
 
-    from converters.safetensors import save_merged_hf
-
-    with tempfile.TemporaryDirectory(prefix=".psoft-merged-", dir=out) as scratch:
-        save_merged_hf(job.model, job.model_dir, Path(scratch), "float32")
-        export_model(Path(scratch), out / "model.gguf", job.written_as)
+    with merged_scratch(job, out) as scratch:
+        export_model(scratch, out / "model.gguf", job.written_as)
     return sorted(p.name for p in out.iterdir())
 
 

@@ -471,15 +471,11 @@ def describe(onnx_dir: Path) -> dict:
 
 
 def write_merged(job, out: Path) -> list[str]:
-    """optimum's export of the merged model, saved first as a float32 HF directory inside ``out`` (so an interrupt at
-    any moment leaves nothing behind: the caller removes ``out`` whole)."""
-    import tempfile
+    """optimum's export of the merged model, from its float32 HF directory (``safetensors.merged_scratch``)."""
+    from converters.safetensors import merged_scratch
 
-    from converters.safetensors import save_merged_hf
-
-    with tempfile.TemporaryDirectory(prefix=".psoft-merged-", dir=out) as scratch:
-        save_merged_hf(job.model, job.model_dir, Path(scratch), "float32")
-        export_merged(Path(scratch), out)
+    with merged_scratch(job, out) as scratch:
+        export_merged(scratch, out)
     return sorted(p.name for p in out.iterdir())
 
 

@@ -17,10 +17,12 @@ sharded source gives the same shard files, each tensor in the shard its source t
 
 from __future__ import annotations
 
+import contextlib
 import json
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Callable, Iterator, Mapping, Optional
 
 import torch
 from torch import nn
@@ -314,6 +316,15 @@ def save_merged_hf(model: nn.Module, model_dir: Path, out: Path, dtype: str) -> 
     from psoft_export.adapters import merge_and_unload
 
     _save_hf(merge_and_unload(copy.deepcopy(model)), model_dir, out, dtype)
+
+
+@contextlib.contextmanager
+def merged_scratch(job, out: Path) -> Iterator[Path]:
+    """The merged model as a float32 HF directory inside ``out``, for the converters that start from one (so an
+    interrupt at any moment leaves nothing behind: the caller removes ``out`` whole); removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix=".psoft-merged-", dir=out) as scratch:
+        save_merged_hf(job.model, job.model_dir, Path(scratch), "float32")
+        yield Path(scratch)
 
 
 def write_merged(job, out: Path) -> list[str]:

@@ -45,7 +45,7 @@ from psoft_export.verification import EXPORT_FILE, EXPORT_FORMAT, trained_model_
 
 SOURCE = "source"  # --dtype default: the source's dtype where the route keeps it (merged safetensors), else float32
 UNVERIFIED = ".unverified"  # suffix of the directory a failed verification leaves the export in
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = tuple(dict.fromkeys(d for f in FORMATS.values() for d in f.dtypes))  # every --dtype some format writes
 
 
 # ------------------------------------------------------------------------------------------ routes
@@ -108,10 +108,14 @@ def quantized_base(adapter_dir: Path, to: str, split: bool) -> Optional[dict]:
     reproduce a quantized base yet (:attr:`converters.Format.quantized_base`)."""
     record = quantized.record_of(adapter_io.read_meta(adapter_dir))
     if record is not None and ("split" if split else "merged") not in FORMATS[to].quantized_base:
-        routes = [f"{r} --to {f.name}" for f in FORMATS.values() for r in f.quantized_base]
+        routes = [
+            f"{'--split' if r == 'split' else 'merged'} --to {f.name}"
+            for f in FORMATS.values()
+            for r in f.quantized_base
+        ]
         raise UserInputError(
-            f"{adapter_dir} was trained over a {record['quant_type']} base: it exports "
-            f"{', '.join(routes).replace('split --to', '--split --to')} (the dequantized base); use one of those"
+            f"{adapter_dir} was trained over a {record['quant_type']} base: it exports {', '.join(routes)} "
+            "(the dequantized base); use one of those"
         )
     return record
 

@@ -78,8 +78,9 @@ def cli(debug: bool) -> None:
     type=click.Choice(["exact", "full", "lowrank"]),
     default="exact",
     show_default=True,
-    help="exact: the exact subspace (float32 Gram eigh refined in float64); full: torch.linalg.svd in float32 "
-    "(PEFT's); lowrank: randomized (torch.svd_lowrank), fastest, approximate on flat spectra.",
+    help="exact: the exact subspace (float32 Gram matrix's top eigenvectors refined in float64); "
+    "full: torch.linalg.svd in float32 (PEFT's); lowrank: randomized (torch.svd_lowrank), fastest, "
+    "approximate on flat spectra.",
 )
 @click.option("--niter", type=int, default=DEFAULT_NITER, show_default=True, help="Power iterations for --svd lowrank.")
 @click.option(

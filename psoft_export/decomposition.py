@@ -45,6 +45,7 @@ from psoft_export.subspace import (
     check_rank,
     principal_subspace,
     psoft_factors,
+    scipy_threads,
 )
 
 FACTORS_FILE = "decomposition.safetensors"
@@ -254,7 +255,8 @@ def decompose(
             # Never loaded whole: hashed, checked and decomposed a slab at a time from the file, so the peak is
             # the Gram matrix's eigendecomposition, not the weight (docs/benchmarks.md, issue 11).
             weight = source.matrix(key)
-            digest, finite, frob2 = weight.stats()
+            with scipy_threads():  # between two weights' SciPy work: see scipy_threads
+                digest, finite, frob2 = weight.stats()
         else:
             weight = source.tensor(key, device=device)
             digest, finite, frob2 = sha256_of(weight), bool(torch.isfinite(weight).all()), squared_norm(weight)

@@ -46,43 +46,46 @@ STREAM_BYTES = 16 << 20  # what one read of StoredMatrix.stats holds (about)
 BAND_BYTES = 4 << 20  # the float64 working copy of one band of a StoredMatrix product
 
 
-class StoredMatrix:
-    """A 2-D tensor in a safetensors file, never loaded whole: a view of the stored matrix (or, after ``.T``, of its
-    transpose) whose products read bands of rows into fresh aligned tensors of the stored dtype. This is what
-    lets the exact subspace of a weight run in memory proportional to its Gram matrix rather than to the weight
-    (:func:`psoft_export.subspace.gram_subspace` takes it wherever it takes a tensor: it calls :meth:`gram`,
-    :meth:`apply` and :meth:`apply_t`, each one pass over the file)."""
+def _blas():
+    from scipy.linalg import blas  # imported here: only the exact subspace needs it
+
+    return blas
+
+
+def _as(band: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
+    """A band as a C-ordered NumPy array of ``dtype`` (no copy when it already is)."""
+    return band.numpy() if band.dtype == dtype else band.to(dtype).numpy()
+
+
+def _f64(band: torch.Tensor) -> np.ndarray:
+    """A band widened to float64 as a C-ordered array (``.T`` of it is the Fortran view BLAS takes)."""
+    return band.numpy().astype(np.float64) if band.dtype == torch.float32 else band.double().numpy()
+
+
+class BandedMatrix:
+    """A 2-D matrix (or, after ``.T``, its transpose) whose products read it a band of stored rows at a time: the
+    float64 products and the Gram matrix the exact subspace needs (:func:`psoft_export.subspace.gram_subspace`
+    calls :meth:`gram`, :meth:`gram_apply` and :meth:`apply`), each one pass. They run in SciPy's BLAS, the library
+    the eigensolver's LAPACK runs in: on few cores, switching between torch's thread pool and SciPy's stalls each
+    small operation for milliseconds while the other pool's threads spin (measured: MiniLM's exact decompose
+    3.5 s with torch's products, 1.3 s without; docs/benchmarks.md)."""
 
     ndim = 2
     device = torch.device("cpu")
 
-    def __init__(
-        self, path: Path, offset: int, stored: tuple[int, int], dtype: torch.dtype, transposed: bool = False
-    ) -> None:
-        self.path, self.offset, self.stored, self.dtype, self.transposed = (
-            path,
-            offset,
-            tuple(stored),
-            dtype,
-            transposed,
-        )
+    def __init__(self, stored: tuple[int, int], dtype: torch.dtype, transposed: bool) -> None:
+        self.stored, self.dtype, self.transposed = tuple(stored), dtype, transposed
         self.shape = torch.Size(self.stored[::-1] if transposed else self.stored)
         self.itemsize = torch.empty(0, dtype=dtype).element_size()
-
-    @property
-    def T(self) -> "StoredMatrix":
-        return StoredMatrix(self.path, self.offset, self.stored, self.dtype, not self.transposed)
 
     def is_floating_point(self) -> bool:
         return self.dtype.is_floating_point
 
-    def _read(self, start: int, stop: int) -> torch.Tensor:
-        """Stored rows ``start:stop``: one read straight into a fresh (aligned) tensor."""
-        cols = self.stored[1]
-        out = torch.empty(stop - start, cols, dtype=self.dtype)
-        if not read_into(self.path, self.offset + start * cols * self.itemsize, out):
-            raise UserInputError(f"{self.path} is truncated: re-download or re-save the model")
-        return out
+    def _read(self, start: int, stop: int) -> torch.Tensor:  # stored rows start:stop, C-contiguous
+        raise NotImplementedError
+
+    def _columns(self, start: int, stop: int) -> torch.Tensor:  # stored columns start:stop, C-contiguous
+        raise NotImplementedError
 
     def _bands(self):
         """Bands of stored rows whose float64 working copy is about :data:`BAND_BYTES`."""
@@ -97,16 +100,17 @@ class StoredMatrix:
         whole = self._read(0, self.stored[0])
         return whole.T.contiguous() if self.transposed else whole
 
-    # The products the exact subspace needs (:func:`psoft_export.subspace.gram_subspace`), in float64, each a pass
-    # over contiguous bands of stored rows; only the Gram matrix of a transposed view reads columns.
     def apply(self, X: torch.Tensor) -> torch.Tensor:
         """``self @ X`` in float64."""
-        if not self.transposed:
-            return torch.cat([band.double() @ X for _, band in self._bands()])
-        out = torch.zeros(self.shape[0], X.shape[1], dtype=torch.float64)
-        for sl, band in self._bands():
-            out.addmm_(band.double().T, X[sl])
-        return out
+        blas = _blas()
+        Xf = np.asfortranarray(X.numpy())
+        if not self.transposed:  # a C-ordered band is its transpose in Fortran order: trans_a gives band @ X
+            parts = [blas.dgemm(1.0, _f64(band).T, Xf, trans_a=1) for _, band in self._bands()]
+            return torch.from_numpy(np.concatenate(parts))
+        out = np.zeros((self.shape[0], X.shape[1]), order="F")
+        for sl, band in self._bands():  # self = S^T: out += band^T X[the band's rows]
+            out = blas.dgemm(1.0, _f64(band).T, np.asfortranarray(Xf[sl]), beta=1.0, c=out, overwrite_c=1)
+        return torch.from_numpy(out)
 
     def apply_t(self, Y: torch.Tensor) -> torch.Tensor:
         """``self^T @ Y`` in float64."""
@@ -119,41 +123,89 @@ class StoredMatrix:
         if self.transposed:
             P = self.apply(X)
             return P, self.apply_t(P)
-        parts, out = [], torch.zeros(self.shape[1], X.shape[1], dtype=torch.float64)
+        blas = _blas()
+        Xf = np.asfortranarray(X.numpy())
+        parts, out = [], np.zeros((self.shape[1], X.shape[1]), order="F")
         for _, band in self._bands():
-            band = band.double()
-            parts.append(band @ X)
-            out.addmm_(band.T, parts[-1])
-        return torch.cat(parts), out
+            b = _f64(band).T  # Fortran (cols, rows)
+            parts.append(blas.dgemm(1.0, b, Xf, trans_a=1))
+            out = blas.dgemm(1.0, b, parts[-1], beta=1.0, c=out, overwrite_c=1)
+        return torch.from_numpy(np.concatenate(parts)), torch.from_numpy(out)
 
     def gram(self, dtype: torch.dtype) -> torch.Tensor:
-        """``self^T self`` in ``dtype``, accumulated band by band (each band upcast on its own)."""
-        rows, cols = self.stored
+        """``self^T self`` in ``dtype`` (float32 or float64), a symmetric rank-k update (``syrk``: half the products
+        of a full one) per band, each band upcast on its own. Only the triangle LAPACK reads is filled: the
+        row-major tensor's upper one (its column-major lower one); :func:`psoft_export.subspace.eigh_in_place` and
+        the tridiagonal reduction read that. Not transposed: bands of stored rows; transposed (``S S^T``): bands of
+        stored columns of about :data:`STREAM_BYTES`."""
+        blas, rows, cols = _blas(), *self.stored
+        syrk = blas.ssyrk if dtype == torch.float32 else blas.dsyrk
+        n = rows if self.transposed else cols
+        G = np.zeros((n, n), dtype=np.float32 if dtype == torch.float32 else np.float64, order="F")
         if not self.transposed:
-            G = torch.zeros(cols, cols, dtype=dtype)
-            for _, band in self._bands():
-                X = band.to(dtype)
-                G.addmm_(X.T, X)
-            return G
-        # self^T self = S S^T: bands of stored columns, one short read per stored row (os.preadv into the band),
-        # bands of about STREAM_BYTES: this pass runs before the eigendecomposition, whose 3 n^2 is the peak.
-        np_raw, torch_raw = _RAW[self.itemsize]
-        size = self.itemsize
-        G = torch.zeros(rows, rows, dtype=dtype)
-        step = max(1, STREAM_BYTES // (size * max(rows, 1)))
+            for _, band in self._bands():  # G += band^T band: the Fortran view of a C band is band^T
+                G = syrk(1.0, _as(band, dtype).T, beta=1.0, c=G, trans=0, lower=1, overwrite_c=1)
+        else:
+            step = max(1, STREAM_BYTES // (self.itemsize * max(rows, 1)))
+            for start in range(0, cols, step):  # G += X X^T for a band X of stored columns
+                X = _as(self._columns(start, min(start + step, cols)), dtype)
+                G = syrk(1.0, X.T, beta=1.0, c=G, trans=1, lower=1, overwrite_c=1)
+        return torch.from_numpy(G.T)  # row-major view of the same memory: no copy
+
+
+class TensorMatrix(BandedMatrix):
+    """An in-memory CPU tensor behind :class:`BandedMatrix`'s products (no float64 copy of it, SciPy's BLAS)."""
+
+    def __init__(self, tensor: torch.Tensor, transposed: bool = False) -> None:
+        super().__init__(tuple(tensor.shape), tensor.dtype, transposed)
+        self.tensor = tensor.contiguous()
+
+    @property
+    def T(self) -> "TensorMatrix":
+        return TensorMatrix(self.tensor, not self.transposed)
+
+    def _read(self, start: int, stop: int) -> torch.Tensor:
+        return self.tensor[start:stop]
+
+    def _columns(self, start: int, stop: int) -> torch.Tensor:
+        return self.tensor[:, start:stop].contiguous()
+
+
+class StoredMatrix(BandedMatrix):
+    """A 2-D tensor in a safetensors file, never loaded whole: a view of the stored matrix (or, after ``.T``, of its
+    transpose) whose products read bands of rows into fresh aligned tensors of the stored dtype. This is what
+    lets the exact subspace of a weight run in memory proportional to its Gram matrix rather than to the weight."""
+
+    def __init__(
+        self, path: Path, offset: int, stored: tuple[int, int], dtype: torch.dtype, transposed: bool = False
+    ) -> None:
+        super().__init__(stored, dtype, transposed)
+        self.path, self.offset = path, offset
+
+    @property
+    def T(self) -> "StoredMatrix":
+        return StoredMatrix(self.path, self.offset, self.stored, self.dtype, not self.transposed)
+
+    def _read(self, start: int, stop: int) -> torch.Tensor:
+        """Stored rows ``start:stop``: one read straight into a fresh (aligned) tensor."""
+        cols = self.stored[1]
+        out = torch.empty(stop - start, cols, dtype=self.dtype)
+        if not read_into(self.path, self.offset + start * cols * self.itemsize, out):
+            raise UserInputError(f"{self.path} is truncated: re-download or re-save the model")
+        return out
+
+    def _columns(self, start: int, stop: int) -> torch.Tensor:
+        """Stored columns ``start:stop`` as a C-contiguous ``(rows, stop - start)`` band: one short read per row."""
+        rows, cols = self.stored
+        band = torch.empty(rows, stop - start, dtype=self.dtype)
+        raw = band.view(_RAW[self.itemsize][1]).numpy()
         fd = os.open(self.path, os.O_RDONLY)
         try:
-            for start in range(0, cols, step):
-                stop = min(start + step, cols)
-                band = torch.empty(rows, stop - start, dtype=self.dtype)
-                raw = band.view(torch_raw).numpy()
-                for i in range(rows):
-                    os.preadv(fd, [memoryview(raw[i]).cast("B")], self.offset + (i * cols + start) * size)
-                X = band.to(dtype)
-                G.addmm_(X, X.T)
+            for i in range(rows):
+                os.preadv(fd, [memoryview(raw[i]).cast("B")], self.offset + (i * cols + start) * self.itemsize)
         finally:
             os.close(fd)
-        return G
+        return band
 
     def stats(self) -> tuple[str, bool, float]:
         """One pass over the stored rows: ``(sha256 as sha256_of gives it, all finite, squared Frobenius norm)``."""

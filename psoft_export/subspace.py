@@ -5,6 +5,7 @@ Pure math, no I/O. ``decompose`` stores what these return so nothing downstream 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -138,8 +139,8 @@ def eigh_in_place(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
     On CPU: LAPACK ``syevd`` through SciPy with ``overwrite_a``, so the eigenvectors take ``G``'s memory and the
     peak is ``G`` + syevd's ``2 n^2`` workspace = ``3 n^2``, where ``torch.linalg.eigh`` copies its input first
-    (``4 n^2``, measured 4.2 n^2 at n = 2048). ``syevr`` (MRRR, ``2 n^2``) was measured and rejected: 2.8-5.7x
-    slower at n = 2048 in SciPy's OpenBLAS (docs/benchmarks.md). Elsewhere (CUDA): ``torch.linalg.eigh``.
+    (``4 n^2``, measured 4.2 n^2 at n = 2048). Elsewhere (CUDA): ``torch.linalg.eigh``. The exact subspace uses it
+    where :class:`_Tridiagonal` does not apply (CUDA, float64 weights, the float64 fallback).
     """
     if G.device.type != "cpu":
         return torch.linalg.eigh(G)
@@ -151,33 +152,153 @@ def eigh_in_place(G: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.from_numpy(lam), torch.from_numpy(V)
 
 
+class _Dense:
+    """The Gram matrix's whole eigendecomposition (:func:`eigh_in_place`): the top ``rank`` eigenvectors start the
+    refinement, the others (``Vc``, eigenvalues ``lc``) give its first-order correction."""
+
+    def __init__(self, G: torch.Tensor, rank: int) -> None:
+        lam, V = eigh_in_place(G)
+        k = G.shape[0] - rank
+        # Ascending order, never flipped whole (a flip copies n^2): the top block is the last ``rank`` columns.
+        self.lam, self.top = lam.double(), V[:, k:].flip(1).double()
+        self.Vc, self.lc = V[:, :k], lam[:k].double()  # a view: no copy
+
+    def correct(self, R: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        """``sum_k v_k v_k^T R_j / (mu_j - lambda_k)`` over the eigenvectors outside the top block."""
+        C = (self.Vc.T @ R.to(self.Vc.dtype)).double() / (mu[None, :] - self.lc[:, None])
+        return (self.Vc @ C.to(self.Vc.dtype)).double()
+
+
+class _Tridiagonal:
+    """The float32 Gram matrix reduced to tridiagonal form in place (LAPACK ``ssytrd``, ``G = Q T Q^T``), then only
+    what the refinement needs: every eigenvalue (``ssterf``), the top ``rank`` eigenvectors (``sstebz`` +
+    ``sstein`` on ``T``, mapped back through ``Q`` with ``sormqr``) and the first-order correction as ``rank``
+    shifted tridiagonal solves in float64 instead of products with the other ``n - rank`` eigenvectors.
+
+    Against :class:`_Dense` this skips the divide-and-conquer and the ``2 n^3`` back-transformation of all ``n``
+    eigenvectors: measured 0.30 s against 0.45-0.53 s at n = 2048 (2 threads), and ``2 n^2`` floats at the peak
+    (``G`` and a copy of its Householder vectors) instead of ``3 n^2`` (docs/benchmarks.md, issue 11).
+    Raises :class:`ArithmeticError` when LAPACK reports a failure (the caller falls back to float64 ``eigh``).
+    """
+
+    def __init__(self, G: torch.Tensor, rank: int) -> None:
+        import numpy as np
+        from scipy.linalg import lapack
+
+        self.np, self.lapack = np, lapack
+        n = self.n = G.shape[0]
+        G = G.contiguous()
+        # G is symmetric: its Fortran-ordered transpose is G, reduced in place (overwrite_a, no copy).
+        lwork = int(lapack.ssytrd_lwork(n, lower=1)[0])
+        c, d, e, tau, info = lapack.ssytrd(G.numpy().T, lower=1, lwork=max(1, lwork), overwrite_a=1)
+        self._check("ssytrd", info)
+        # Q = H(1) ... H(n-1), the reflectors below the subdiagonal: what LAPACK's ormtr passes to ormqr.
+        self.refl = np.asfortranarray(c[1:, :-1]) if n > 1 else None
+        del c, G
+        self.tau, self.d, self.e = tau[: n - 1], d, e
+        lam, info = lapack.ssterf(d.copy(), e.copy())[:2]
+        self._check("ssterf", info)
+        self.lam = torch.from_numpy(np.sort(lam)).double()
+        m, w, iblock, isplit, info = lapack.sstebz(d, e, 3, 0.0, 0.0, n - rank + 1, n, 0.0, b"B")
+        self._check("sstebz", info if m == rank else -1)
+        Z, info = lapack.sstein(d, e, w[:m], iblock, isplit)
+        self._check("sstein", info)
+        # Small products run in torch, LAPACK in SciPy: NumPy's own OpenBLAS would be a third thread pool contending
+        # for the cores (measured 50-130 ms stalls on 2 cores for 2048x32 products).
+        self.Z = torch.from_numpy(Z[:, np.argsort(-w[:m])].astype(np.float64))  # descending
+        self.d64, self.e64 = d.astype(np.float64), e.astype(np.float64)
+        self.lwork = None
+        self.top = self._q(self.Z, b"N")
+
+    @staticmethod
+    def _check(routine: str, info: int) -> None:
+        if info != 0:
+            raise ArithmeticError(f"LAPACK {routine} failed (info {info})")
+
+    def _q(self, X: torch.Tensor, trans: bytes) -> torch.Tensor:
+        """``Q X`` (``trans=b"N"``) or ``Q^T X`` (``b"T"``) for ``X`` ``(n, k)``, in float32; float64 out."""
+        out = self.np.array(X.numpy(), dtype=self.np.float32, order="F")
+        if self.n > 1:
+            if self.lwork is None:  # the blocked code's workspace: with less, LAPACK runs unblocked (6x slower)
+                self.lwork = max(1, int(self.lapack.sormqr(b"L", b"N", self.refl, self.tau, out[1:], -1)[1][0]))
+            cq, _, info = self.lapack.sormqr(b"L", trans, self.refl, self.tau, out[1:], self.lwork, overwrite_c=1)
+            self._check("sormqr", info)
+            out[1:] = cq
+        return torch.from_numpy(out).double()
+
+    def correct(self, R: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
+        """``(mu_j I - G) ^-1`` on the complement of the top block, applied to each residual ``R_j``: in ``T``'s
+        coordinates, the top eigenvectors projected out before and after a float64 tridiagonal solve."""
+        Z = self.Z
+        Y = self._q(R, b"T")
+        Y = (Y - Z @ (Z.T @ Y)).numpy()
+        X = torch.empty(Y.shape, dtype=torch.float64)
+        for j, shift in enumerate(mu.tolist()):
+            *_, x, info = self.lapack.dgtsv(-self.e64, shift - self.d64, -self.e64, Y[:, j : j + 1].copy())
+            self._check("dgtsv", info)
+            X[:, j] = torch.from_numpy(x[:, 0])
+        return self._q(X - Z @ (Z.T @ X), b"N")
+
+
+def _initial_basis(G: torch.Tensor, rank: int):
+    """The eigendecomposition the refinement starts from: tridiagonal where SciPy's LAPACK serves (CPU, float32),
+    the whole ``eigh`` elsewhere."""
+    if G.device.type == "cpu" and G.dtype == torch.float32 and rank < G.shape[0]:
+        return _Tridiagonal(G, rank)
+    return _Dense(G, rank)
+
+
 def gram_subspace(W: torch.Tensor, rank: int, tol: float = ANGLE_TOL) -> Subspace:
-    """The exact top-``rank`` singular subspace of ``W`` ``(out, in)``, fast: ``eigh`` of the smaller Gram matrix
-    in float32 for a first basis, then Rayleigh-Ritz refinement in float64 until the residual bound says so.
+    """The exact top-``rank`` singular subspace of ``W`` ``(out, in)``, fast: the smaller Gram matrix's top
+    eigenvectors in float32 for a first basis, then Rayleigh-Ritz refinement in float64 until the residual bound
+    says so.
 
     The float32 eigenvectors are off by ``~ eps32 * s_1^2 / (s_i^2 - s_j^2)`` between directions ``i``, ``j``: on
     a flat-topped spectrum (real and random weights alike) that is a large angle. Each refinement computes
     ``G V`` exactly in float64 (``W^T (W V)``, slab by slab: no float64 copy of ``W``), re-diagonalizes inside the
     block, and removes the first-order error towards the other float32 eigenvectors; it converges
-    quadratically (two steps on an 8192x2048 random weight: 2e-5 -> 3e-9 -> 1e-13 rad). It stops when
+    quadratically (one step on an 8192x2048 random weight: bound 4e-3 -> 6e-8 rad). It stops when
     ``||G V - V diag(mu)||_F / (mu_r - lambda_{r+1}) <= tol`` (the sin-theta bound, stored as ``angle_bound``);
     if that does not happen in :data:`MAX_REFINEMENTS` steps (an ill-posed gap), a float64 ``eigh`` decides.
-    Memory: the Gram matrix decomposed in place (:func:`eigh_in_place`, ``3 n^2`` floats), then its eigenvectors
-    (``n^2``) while refining; the weight itself only a slab at a time.
+    Memory: on CPU the Gram matrix reduced to tridiagonal form in place (:class:`_Tridiagonal`, ``2 n^2`` floats
+    at the peak), then ``n^2`` while refining; the weight itself only a slab at a time.
     """
-    W = W.detach() if isinstance(W, torch.Tensor) else W  # or a checkpoint.StoredMatrix, read a slab at a time
+    if isinstance(W, torch.Tensor) and W.device.type == "cpu":
+        from psoft_export.stored import TensorMatrix
+
+        W = TensorMatrix(W.detach())  # its products in SciPy's BLAS, like a weight left in its file
+    if W.device.type != "cpu":
+        return _refined_subspace(W.detach(), rank, tol)
+    with scipy_threads():
+        return _refined_subspace(W, rank, tol)
+
+
+@contextlib.contextmanager
+def scipy_threads():
+    """Torch on one thread while SciPy's BLAS/LAPACK does the heavy work of the exact path on CPU: on few cores the
+    two thread pools alternating stall each small operation for milliseconds while the other pool's threads spin
+    (measured: MiniLM's exact decompose 3.5 s with both at 2 threads, 1.3 s like this). What torch still does
+    there is rank x rank, n x rank or memory-bound."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _refined_subspace(W, rank: int, tol: float) -> Subspace:
     f64 = W.dtype == torch.float64
     M = W if W.shape[0] >= W.shape[1] else W.T  # tall: M^T M is the smaller Gram matrix
     n = M.shape[1]
-    # Ascending order, never flipped (a flip copies n^2): the top block is the last ``rank`` columns.
-    lam, V = eigh_in_place(gram(M, torch.float64 if f64 else torch.float32))
     k = n - rank
-    # Only the top block is refined in float64; the rest of the float32 basis (a view: no copy) and its eigenvalues
-    # ``lc`` (ascending, so ``lc[-1]`` is lambda_{r+1}) serve the first-order correction.
-    Vt, Vc, lc = V[:, k:].flip(1).double(), V[:, :k], lam[:k].double()
-    del V
+    try:
+        basis = _initial_basis(gram(M, torch.float64 if f64 else torch.float32), rank)
+        Vt, lc = basis.top, basis.lam[:k]  # ``lc`` ascending, so ``lc[-1]`` is lambda_{r+1}
+    except ArithmeticError:
+        basis = None
     bound = float("inf")
-    for _ in range(MAX_REFINEMENTS + 1):
+    for _ in range(MAX_REFINEMENTS + 1 if basis is not None else 0):
         P, Z = _gram_apply(M, Vt)
         H = Vt.T @ Z
         mu, Y = torch.linalg.eigh((H + H.T) / 2)
@@ -188,14 +309,16 @@ def gram_subspace(W: torch.Tensor, rank: int, tol: float = ANGLE_TOL) -> Subspac
         bound = float(torch.linalg.norm(residual)) / gap if gap > 0 else float("inf")
         if bound <= tol:
             break
-        C = (Vc.T @ residual.to(Vc.dtype)).double() / (mu[None, :] - lc[:, None])
-        Vt = torch.linalg.qr(Vt + (Vc @ C.to(Vc.dtype)).double()).Q
-    else:
-        del Vc, Vt, P  # the float32 basis goes before the float64 Gram matrix comes
-        P = None
+        try:
+            Vt = torch.linalg.qr(Vt + basis.correct(residual, mu)).Q
+        except ArithmeticError:
+            break
+    if not bound <= tol:  # never converged (or NaN): the float64 eigh decides
+        basis = Vt = P = None  # the float32 basis goes before the float64 Gram matrix comes
         lam, V = eigh_in_place(gram(M, torch.float64))
         mu, Vt, lc = lam[k:].flip(0), V[:, k:].flip(1).contiguous(), lam[:k]
         del V
+    del basis
     S = mu.clamp_min(0).sqrt()
     if S[-1] <= 1e-6 * S[0]:  # a direction at the rounding floor is undetermined: let an SVD pick one
         U, S_all, Vh = torch.linalg.svd(_dense(W).double(), full_matrices=False)

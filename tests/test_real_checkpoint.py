@@ -146,7 +146,11 @@ def test_default_decomposition_is_the_exact_subspace(decomposition):
         W = weights[rec["key"]].double()
         U, S, Vh = torch.linalg.svd(W, full_matrices=False)
         gaps.append(float(S[RANK - 1] / S[RANK]))
-        assert math.isclose(rec["gap"], gaps[-1], rel_tol=1e-6), f"{name}: manifest gap {rec['gap']} vs {gaps[-1]}"
+        # s_{r+1} comes from the float32 Gram matrix's eigenvalues, each within ~n * u32 * s_1^2 (Weyl, with the
+        # Gram matrix's and the eigensolver's rounding; u32 = 6e-8): relative to s_{r+1}^2 that is 2.3e-5 (s_1 /
+        # s_{r+1})^2 at n = 384, half that on the ratio of square roots (measured 2.1e-6 at worst).
+        tol = min(W.shape) * 6e-8 / 2 * float(S[0] / S[RANK]) ** 2
+        assert math.isclose(rec["gap"], gaps[-1], rel_tol=tol), f"{name}: manifest gap {rec['gap']} vs {gaps[-1]}"
         assert rec["angle_bound"] is not None and rec["angle_bound"] <= 1e-7, f"{name}: bound {rec['angle_bound']}"
         worst = max(worst, largest_principal_angle(factors[f"{name}.A"], Vh[:RANK]))
     assert len(gaps) == 37 and min(gaps) < 1.001, "MiniLM's spectra should be flat at the top (test would be vacuous)"

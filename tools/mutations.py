@@ -66,6 +66,12 @@ MUTATIONS = {
         'ANGLE_TOL = float("inf")',
         ["tests/test_real_checkpoint.py::test_default_decomposition_is_the_exact_subspace"],
     ),
+    "tridiagonal-shift-sign": (
+        "psoft_export/subspace.py",
+        "self.lapack.dgtsv(-self.e64, shift - self.d64, -self.e64",
+        "self.lapack.dgtsv(-self.e64, self.d64 - shift, -self.e64",
+        ["tests/test_decompose.py::test_tridiagonal_basis_reduces_in_place_and_corrects_like_the_spectral_formula"],
+    ),
     "overwrite-foreign-dir": (
         "psoft_export/atomic.py",
         "if not (path / MARKER).is_file():",

@@ -22,11 +22,15 @@ stops. Steps (``--steps``, in order; later steps use earlier outputs):
 * ``merge-st``: ``merge --to safetensors --no-verify`` (streamed); bound: largest source shard + 4 x the largest
   adapted weight in float32 (one fold's working set) + the adapter's files, plus ``SLACK_MB`` for what the process
   holds besides tensors (the meta skeleton, headers, tokenizer). PASS/FAIL is printed for this bound only.
-* ``merge-st-verify``: the same with verification; bound: one float32 copy of the model (4 bytes per parameter:
-  verification holds one model at a time) + the merge bound.
+* ``merge-st-verify``: the same with verification; bound: the merge bound + 2 x the largest unit in float32
+  (verification runs each model one decoder layer, embedding or head at a time: ``psoft_export/streamed_run.py``).
 * ``merge-gguf``: ``merge --to gguf --dtype float16 --no-verify`` (streamed); the merge bound, with 2 x the largest
   tensor in float32 in place of the fold's set where that is larger (GGUF widens and encodes every tensor).
-* ``merge-gguf-verify``: the same with verification (llama.cpp); the verified bound.
+* ``merge-gguf-verify``: the same with verification (llama.cpp); the merge bound + the larger of 2 x the largest
+  unit in float32 and the float16 GGUF llama.cpp maps (2 bytes per parameter).
+* ``anchor-gguf``: the route without psoft-export: PEFT ``merge_and_unload`` of the adapter's PEFT files over the
+  bf16 base, ``save_pretrained``, llama.cpp's ``convert_hf_to_gguf.py --outtype f16`` (issue 16's anchor; no
+  verification). Bar: ``merge-gguf-verify`` no slower than it (printed when both ran).
 * ``merge-onnx``: ``--to onnx`` (in-memory route; reported).
 
 Prints a table (seconds, peak, baseline, peak - baseline, bound, PASS/FAIL where a bound exists) and the command.
@@ -72,7 +76,16 @@ SHAPES = {
 SHARDS = 3
 SLACK_MB = 32
 BARRED = ("merge-st", "merge-st-verify", "merge-gguf", "merge-gguf-verify")  # held to their bound (others: reported)
-STEPS = ("decompose", "train", "merge-st", "merge-st-verify", "merge-gguf", "merge-gguf-verify", "merge-onnx")
+STEPS = (
+    "decompose",
+    "train",
+    "merge-st",
+    "merge-st-verify",
+    "merge-gguf",
+    "merge-gguf-verify",
+    "anchor-gguf",
+    "merge-onnx",
+)
 DEFAULT_STEPS = ("decompose", "train", "merge-st", "merge-st-verify")
 IMPORTS = (
     "import psoft_export.cli, psoft_export.merge, psoft_export.train, psoft_export.decompose, "
@@ -95,6 +108,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="OMP/MKL threads of every child (default 2)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.add_argument("--_build", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--_anchor", nargs=3, type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.shape = "small" if args.small else "1b"
     args.step_list = [s.strip() for s in args.steps.split(",") if s.strip()]
@@ -184,8 +198,41 @@ def step_argv(step: str, model: Path, work: Path, rank: int) -> list[str]:
         "merge-st-verify": [*merge, "--to", "safetensors", "-o", str(work / "merged-st-verified")],
         "merge-gguf": [*merge, "--to", "gguf", "--dtype", "float16", "--no-verify", "-o", str(work / "merged-gguf")],
         "merge-gguf-verify": [*merge, "--to", "gguf", "--dtype", "float16", "-o", str(work / "merged-gguf-verified")],
+        "anchor-gguf": [str(Path(__file__).resolve()), "--_anchor", str(model), str(work / "adapter"), str(work)],
         "merge-onnx": [*merge, "--to", "onnx", "-o", str(work / "merged-onnx")],
     }[step]
+
+
+def anchor(model: Path, adapter: Path, work: Path) -> None:
+    """The route users take without us (issue 16's anchor): PEFT loads the base (bf16) with the adapter's PEFT files,
+    ``merge_and_unload``, ``save_pretrained``, then llama.cpp's ``convert_hf_to_gguf.py --outtype f16``; no
+    verification. llama.cpp's converter knows tokenizers by a hash, so the saved directory gets GPT-2's tokenizer
+    (rebuilt from the llama-cpp-python sdist's vocab-only GGUF, the model's vocabulary size), before the clock's
+    converter step like the rest; the tensors are what the timing is about."""
+    import subprocess
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(ROOT))
+    from tests.llama_cpp_tools import llama_cpp_source
+
+    src = llama_cpp_source()
+    if src is None:
+        sys.exit("anchor-gguf needs llama.cpp's converter: pip download of the llama-cpp-python sdist failed")
+    saved, out = work / "anchor-hf", work / "anchor-gguf"
+    shutil.rmtree(saved, ignore_errors=True)
+    out.mkdir(exist_ok=True)
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16)
+    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    merged.save_pretrained(saved)
+    del base, merged
+    tokenizer = AutoTokenizer.from_pretrained(src / "models", gguf_file="ggml-vocab-gpt-2.gguf")
+    tokenizer.save_pretrained(saved)
+    env = {**os.environ, "PYTHONPATH": str(src / "gguf-py")}
+    cmd = [sys.executable, str(src / "convert_hf_to_gguf.py"), str(saved), "--outtype", "f16"]
+    subprocess.run([*cmd, "--outfile", str(out / "model.gguf")], env=env, check=True)
 
 
 def header_shapes(model: Path) -> dict[str, tuple[list[int], str, str]]:
@@ -217,13 +264,18 @@ def bounds(model: Path, work: Path, rank: int) -> dict[str, float]:
     # GGUF also widens every tensor to float32 and encodes it: the embedding (not adapted) can be the larger set
     widest = max(_numel(s) for s, _, _ in tensors.values()) * 4
     merge_gguf = (shard + max(4 * largest, 2 * widest) + adapter) / MB + SLACK_MB
-    model32 = sum(_numel(s) for s, _, _ in tensors.values()) * 4 / MB  # the float32 reference verification holds
+    # Verification runs every PyTorch model one unit at a time (psoft_export/streamed_run.py): the largest unit (a
+    # decoder layer, or the embedding, which the tied head loads again) in float32, twice (loaded and merged).
+    layer = sum(_numel(s) for k, (s, _, _) in tensors.items() if k.startswith("model.layers.0.")) * 4
+    unit = max(layer, widest)
+    # llama.cpp then maps the GGUF export itself (its pages count in the RSS): merged float16 is 2 bytes a parameter.
+    gguf16 = sum(_numel(s) for s, _, _ in tensors.values()) * 2
     return {
         "decompose": (largest + factors) / MB,
         "merge-st": merge,
         "merge-gguf": merge_gguf,
-        "merge-st-verify": model32 + merge,
-        "merge-gguf-verify": model32 + merge_gguf,
+        "merge-st-verify": merge + 2 * unit / MB,
+        "merge-gguf-verify": merge_gguf + max(2 * unit, gguf16) / MB,
     }
 
 
@@ -231,6 +283,9 @@ def main(argv: list[str]) -> int:
     args = parse_args(argv)
     if args._build:
         build(args._build, args.shape)
+        return 0
+    if args._anchor:
+        anchor(*args._anchor)
         return 0
     root = args.cache / args.shape
     model, work = root / "model", root / "work"
@@ -285,6 +340,10 @@ def main(argv: list[str]) -> int:
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     for row in (head, tuple("-" * w for w in widths), *rows):
         print("  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip())
+    if "merge-gguf-verify" in results and "anchor-gguf" in results:
+        ours, theirs = results["merge-gguf-verify"]["seconds"], results["anchor-gguf"]["seconds"]
+        verdict = "PASS" if ours <= theirs else "FAIL"
+        print(f"\nmerged GGUF with verification / anchor route without: {ours / theirs:.2f} (<= 1.00: {verdict})")
     print(f"\ncommand: {command}")
     return 0 if all(r["exit"] == 0 and r["ok"] is not False for r in results.values()) else 1
 

@@ -262,7 +262,9 @@ def merge(
             compare_to = approximated_model(model, lora_rank) if lora_rank else None
             load, model = _reference_loader(model, model_dir, adapter_dir, allow_pickle, stage), None
             stage("verifying it in its runtime")
-            report = verify_export(tmp, info, model_dir, load, kind, texts, compare_to)
+            # A streamed export is verified unit by unit too (not over a 4-bit base: that reference dequantizes it)
+            by_units = adapter_dir if stream is not None and record is None else None
+            report = verify_export(tmp, info, model_dir, load, kind, texts, compare_to, streamed_adapter=by_units)
             info["verification"] = report.to_dict()
             (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
             if not report.ok:

@@ -6,6 +6,7 @@ class's ``from_pretrained``).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Optional
 
@@ -143,9 +144,12 @@ def _name_classes(model: nn.Module, classes: Optional[list]) -> None:
         model.config.label2id = {str(c): i for i, c in enumerate(classes)}
 
 
-def base_skeleton(model_dir: Path, kind: str, classes: Optional[list], adapter_dir: Optional[Path] = None) -> nn.Module:
+def base_skeleton(
+    model_dir: Path, kind: str, classes: Optional[list], adapter_dir: Optional[Path] = None, meta: bool = True
+) -> nn.Module:
     """:func:`load_base`'s model on the meta device: the same class, config and generation config, no weights
-    (module names, shapes and tied parameters for a streamed export)."""
+    (module names, shapes and tied parameters for a streamed export). ``meta=False``: built under the caller's
+    device context instead (``streamed_run`` keeps buffers real)."""
     from transformers import AutoConfig, GenerationConfig
 
     load_config(model_dir)  # a damaged config.json is one line
@@ -153,7 +157,7 @@ def base_skeleton(model_dir: Path, kind: str, classes: Optional[list], adapter_d
         {"num_labels": len(classes) if classes else adapter_io.saved_labels(adapter_dir)} if kind == "classify" else {}
     )
     config = AutoConfig.from_pretrained(model_dir, **extra)
-    with torch.device("meta"):
+    with torch.device("meta") if meta else contextlib.nullcontext():
         model = _auto_class(kind).from_config(config, dtype=torch.float32)
     _name_classes(model, classes if kind == "classify" else None)
     if model.can_generate() and (Path(model_dir) / "generation_config.json").is_file():  # as from_pretrained does

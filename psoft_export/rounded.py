@@ -21,25 +21,34 @@ def rounded_reference(model: nn.Module, to: str, dtype: str) -> nn.Module:
     """``model`` (with its adapter) merged in place, then every floating tensor rounded as a merged ``to`` export of
     ``dtype`` stores it and widened back to float32: the PyTorch model of the export's exact weights."""
     from psoft_export.adapters import merge_and_unload
+    from psoft_export.streamed_run import canonical_names
 
     model = merge_and_unload(model)
     state = model.state_dict(keep_vars=True)
-    if to == "gguf":
-        from converters.gguf import output_head
-        from converters.gguf_stream import round_as_written
-
-        head = output_head(list(state), model.config.to_dict())  # q4_0 files hold it finer (Q8_0); tied: one tensor
-        head_id = None if head is None else id(state[head])
-        rounding = lambda key, t: round_as_written(t, dtype, output=id(state[key]) == head_id)  # noqa: E731
-    else:
-        wanted = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
-        rounding = lambda key, t: t.to(wanted).to(torch.float32)  # noqa: E731
+    rounding = rounding_for(to, dtype, canonical_names(model), model.config.to_dict())
+    names = canonical_names(model)
     seen: set[int] = set()
     for key, tensor in state.items():
         if tensor.is_floating_point() and id(tensor) not in seen:  # tied tensors once
             seen.add(id(tensor))
-            tensor.data.copy_(rounding(key, tensor.data.to(torch.float32)))
+            tensor.data.copy_(rounding(names[key], tensor.data.to(torch.float32)))
     return model
+
+
+def rounding_for(to: str, dtype: str, names: dict[str, str], config: dict):
+    """``rounding(name, float32 tensor)``: the tensor as a merged ``to`` export of ``dtype`` stores it, widened back to
+    float32. ``names`` maps every tensor name to its canonical one (tied names to one,
+    :func:`psoft_export.streamed_run.canonical_names`); ``name`` is canonical. GGUF q4_0 holds the output head finer
+    (Q8_0), whichever name it has."""
+    if to == "gguf":
+        from converters.gguf import output_head
+        from converters.gguf_stream import round_as_written
+
+        head = output_head(list(names), config)
+        head = None if head is None else names[head]
+        return lambda name, t: round_as_written(t, dtype, output=name == head) if t.is_floating_point() else t
+    wanted = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+    return lambda name, t: t.to(wanted).to(torch.float32) if t.is_floating_point() else t
 
 
 def safetensors_errors(export_dir: Path, expected: dict, model_dir: Path) -> dict[str, tuple[float, float]]:

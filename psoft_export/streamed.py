@@ -36,7 +36,7 @@ class Stream:
         from converters import gguf_stream
         from converters import safetensors as conv
 
-        self.model_dir, self.dtype, self.to = model_dir, dtype, to
+        self.model_dir, self.adapter_dir, self.dtype, self.to = model_dir, adapter_dir, dtype, to
         self.skeleton = base_skeleton(model_dir, kind, classes, adapter_dir)
         self.adapter = adapter_io.read_adapter(adapter_dir, self.skeleton, model_dir)
         self.extra = {}

@@ -50,5 +50,26 @@ def verify(
         compare_to = approximated_model(reference, info["lora_rank"])
         return verify_export(export_dir, info, model_dir, reference, kind, texts, compare_to)
     return verify_export(
-        export_dir, info, model_dir, lambda: reference_model(model_dir, adapter_dir, allow_pickle)[0], kind, texts
+        export_dir,
+        info,
+        model_dir,
+        lambda: reference_model(model_dir, adapter_dir, allow_pickle)[0],
+        kind,
+        texts,
+        streamed_adapter=adapter_dir if unit_by_unit(export_dir, info, model_dir, adapter_dir, allow_pickle) else None,
     )
+
+
+def unit_by_unit(export_dir: Path, info: dict, model_dir: Path, adapter_dir: Path, allow_pickle: bool) -> bool:
+    """Whether a merged export can be verified one unit at a time (bounded memory): merged safetensors or GGUF of
+    a safetensors checkpoint that holds every tensor, over a float base (a 4-bit base's reference dequantizes it)."""
+    from psoft_export import adapter_io, quantized
+    from psoft_export.streamed import stream_plan
+
+    if info["split"] or info["to"] not in ("safetensors", "gguf"):
+        return False
+    if quantized.record_of(adapter_io.read_meta(adapter_dir)) is not None:
+        return False
+    kind, classes = model_kind(model_dir, adapter_dir)
+    stream, _ = stream_plan(model_dir, adapter_dir, "float32", kind, classes, allow_pickle, info["to"])
+    return stream is not None

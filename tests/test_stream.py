@@ -254,8 +254,8 @@ import re, sys
 import converters.safetensors, psoft_export.merge, transformers
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 from transformers.models.llama import modeling_llama
-if sys.argv[1] == "merge":
-    psoft_export.merge.merge(sys.argv[2], sys.argv[3], sys.argv[4], "safetensors", verify=False)
+if sys.argv[1] in ("merge", "merge-verify"):
+    psoft_export.merge.merge(sys.argv[2], sys.argv[3], sys.argv[4], "safetensors", verify=sys.argv[1] == "merge-verify")
 print("VmHWM", re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
 """
 
@@ -272,8 +272,9 @@ def peak_rss_mb(*args: str) -> float:
     return int(proc.stdout.split("VmHWM")[-1]) / 1024
 
 
-def big_model(tmp: Path) -> tuple[Path, Path]:
-    """A 6-layer Llama (hidden 768, MLP 3072; 230 MB float32 in shards of at most 40 MB) and a random OFT adapter."""
+def big_model(tmp: Path, layers: int = 6) -> tuple[Path, Path]:
+    """A Llama of ``layers`` layers (hidden 768, MLP 3072; 38 MB float32 a layer, in shards of at most 40 MB) and a
+    random OFT adapter."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from psoft_export import adapter_io
@@ -283,7 +284,7 @@ def big_model(tmp: Path) -> tuple[Path, Path]:
     config = LlamaConfig(
         hidden_size=768,
         intermediate_size=3072,
-        num_hidden_layers=6,
+        num_hidden_layers=layers,
         num_attention_heads=12,
         num_key_value_heads=12,
         vocab_size=1000,
@@ -327,3 +328,28 @@ def assert_streamed_peak(tmp_path, peak_rss_mb, what: str) -> None:
 
 def test_peak_memory_is_one_tensor_not_the_model(tmp_path):
     assert_streamed_peak(tmp_path, peak_rss_mb, "streamed merge")
+
+
+def test_verified_merge_peaks_at_a_layer_not_the_model(tmp_path):
+    """Verification runs every PyTorch model one unit (decoder layer, embedding, head) at a time with its weights read
+    then (psoft_export.streamed_run), so a verified merge peaks within the streamed merge's bound plus two float32
+    layers (the loaded one, and its merged copy while the reference rounds it), not at the model (issue 16). The
+    in-memory verification held one float32 model, 460 MiB here."""
+    model_dir, adapter = big_model(tmp_path, layers=12)
+    weights = sorted(model_dir.glob("*.safetensors"))
+    tensors_ = {k: t for p in weights for k, t in load_file(p).items()}
+    total, shard = sum(p.stat().st_size for p in weights), max(p.stat().st_size for p in weights)
+    largest = max(t.numel() * t.element_size() for t in tensors_.values())
+    layer = sum(t.numel() * 4 for k, t in tensors_.items() if k.startswith("model.layers.0."))
+    adapter_size = sum(p.stat().st_size for p in adapter.iterdir() if p.is_file())
+    bound = shard + 4 * largest + 2 * layer + adapter_size
+    assert total > 2.5 * bound, "the model is too small for the test to tell a streamed verification from a whole one"
+    baseline = peak_rss_mb("baseline")
+    peak = peak_rss_mb("merge-verify", str(model_dir), str(adapter), str(tmp_path / "out"))
+    info = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert info["verification"]["ok"] and info["verification"].get("streamed"), info["verification"]
+    assert peak - baseline <= bound / MB, (
+        f"verified merge peak RSS {peak:.0f} MiB - baseline {baseline:.0f} MiB = {peak - baseline:.0f} MiB > bound "
+        f"{bound / MB:.0f} MiB (largest shard {shard / MB:.0f} + 4 x largest tensor {largest / MB:.0f} + 2 x layer "
+        f"{layer / MB:.0f} + adapter {adapter_size / MB:.1f}); the model is {total / MB:.0f} MiB"
+    )

@@ -94,29 +94,90 @@ def test_float32_logits_equal_the_rounded_reference(tmp_path):
 
 
 def test_verification_frees_the_reference_before_loading_the_export(tmp_path, monkeypatch):
-    """One model in memory at a time: when the export's runtime loads, no float32 reference is alive any more."""
+    """The whole-model route (split exports, ONNX, pickled or 4-bit bases): one model in memory at a time; when the
+    export's runtime loads, no float32 reference is alive any more. (Merged safetensors and GGUF of a safetensors
+    checkpoint never build it: test_merged_verification_never_builds_the_model.)"""
     import gc
     import weakref
 
-    import psoft_export.merge as merge_mod
-    import psoft_export.verify as verify_mod
+    from psoft_export.verification import verify_export
 
     alive = []
-    real_load, real_run = verify_mod.reference_model, verify_mod.RUNTIMES["safetensors"]
 
-    def tracked(*args, **kwargs):
-        model, kind, classes = real_load(*args, **kwargs)
+    def load():
+        model = reference_model(MODEL, ADAPTERS / CASE)[0]
         alive.append(weakref.ref(model))
-        return model, kind, classes
+        return model
+
+    real_run = RUNTIMES["safetensors"]
 
     def run(*args, **kwargs):
         gc.collect()
         assert all(ref() is None for ref in alive), "the reference model is still in memory while the export loads"
         return real_run(*args, **kwargs)
 
-    monkeypatch.setattr(verify_mod, "reference_model", tracked)
-    monkeypatch.setattr(merge_mod, "reference_model", tracked)
-    monkeypatch.setitem(verify_mod.RUNTIMES, "safetensors", run)
     merge(MODEL, ADAPTERS / CASE, tmp_path / "out", "safetensors")
+    monkeypatch.setitem(RUNTIMES, "safetensors", run)
+    info = read_export(tmp_path / "out")
+    report = verify_export(tmp_path / "out", info, MODEL, load, "causal")
+    assert report.ok and len(alive) == 1 and not report.streamed, report.lines()
+
+
+def test_merged_verification_never_builds_the_model(tmp_path, monkeypatch):
+    """merge and verify of a merged safetensors export run every model one unit at a time: the whole-model loaders
+    are never called (issue 16; the memory itself: tests/test_stream.py)."""
+    import psoft_export.merge as merge_mod
+    import psoft_export.verify as verify_mod
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a whole reference model was built")
+
+    monkeypatch.setattr(verify_mod, "reference_model", refuse)
+    monkeypatch.setattr(merge_mod, "reference_model", refuse)
+    monkeypatch.setitem(RUNTIMES, "safetensors", refuse)
+    info = merge(MODEL, ADAPTERS / CASE, tmp_path / "out", "safetensors", dtype="bfloat16")
+    assert info["verification"]["ok"] and info["verification"]["streamed"], info["verification"]
     report = verify(tmp_path / "out", MODEL, ADAPTERS / CASE)
-    assert report.ok and len(alive) == 2, report.lines()
+    assert report.ok and report.streamed, report.lines()
+
+
+@pytest.mark.parametrize(
+    "case,to,dtype",
+    [
+        ("llama-psoft", "safetensors", "bfloat16"),
+        ("llama-oft", "safetensors", "float16"),
+        ("qwen2-psoft", "safetensors", "float32"),
+        ("gpt2-psoft", "safetensors", "float16"),
+        ("bert-psoft", "safetensors", "bfloat16"),
+        ("llama-oft", "gguf", "float16"),
+        ("qwen2-psoft", "gguf", "q8_0"),
+    ],
+)
+def test_unit_by_unit_verification_equals_the_whole_model_one(tmp_path, case, to, dtype):
+    """Oracle for the unit-by-unit runner (psoft_export.streamed_run): the same export verified with the whole models
+    (from_pretrained, our adapter loader, merge_and_unload) and one unit at a time gives the same numbers: every
+    logits error, the precision report and the tensor-by-tensor check, to 1e-9 (measured: identical). Bugs caught: a
+    unit's weights loaded under the wrong name, tied embeddings untied, the adapter skipped or merged twice, a unit
+    not rounded, buffers left on the meta device."""
+    from psoft_export.verification import verify_export
+
+    if to == "gguf":
+        require("llama_cpp")
+    model = MODELS / case.split("-")[0]
+    adapter = ADAPTERS / case
+    quant = dtype if dtype.startswith("q") else None
+    merge(model, adapter, tmp_path / "out", to, dtype=None if quant else dtype, quant=quant, verify=False)
+    info = read_export(tmp_path / "out")
+    kind = reference_model(model, adapter)[1]
+    whole = verify_export(tmp_path / "out", info, model, lambda: reference_model(model, adapter)[0], kind)
+    units = verify_export(tmp_path / "out", info, model, None, kind, streamed_adapter=adapter)
+    assert units.streamed and not whole.streamed
+    a, b = whole.to_dict(), units.to_dict()
+    assert a["ok"] and b["ok"], (a, b)
+    assert a["outputs"].keys() == b["outputs"].keys()
+    for name in a["outputs"]:
+        for field in ("rel_err", "max_abs_err"):
+            assert b["outputs"][name][field] == pytest.approx(a["outputs"][name][field], abs=1e-9), (name, a, b)
+    for field in ("max_abs_err", "mean_abs_err", "rel_err", "top1_agreement"):
+        want, got = a["precision"][field], b["precision"][field]
+        assert (got is None) if want is None else got == pytest.approx(want, abs=1e-9), (field, a, b)

@@ -72,6 +72,12 @@ MUTATIONS = {
         "self.lapack.dgtsv(-self.e64, self.d64 - shift, -self.e64",
         ["tests/test_decompose.py::test_tridiagonal_basis_reduces_in_place_and_corrects_like_the_spectral_formula"],
     ),
+    "unit-reference-unmerged": (
+        "psoft_export/streamed_run.py",
+        "                    layer.merge()  # folds into base's (loaded) weight in place",
+        "                    pass",
+        ["tests/test_verify.py::test_unit_by_unit_verification_equals_the_whole_model_one"],
+    ),
     "overwrite-foreign-dir": (
         "psoft_export/atomic.py",
         "if not (path / MARKER).is_file():",

@@ -32,6 +32,7 @@ class Format:
     quants: tuple[str, ...] = ()  # --quant values
     model_types: Optional[tuple[str, ...]] = None  # config.model_type values it can write (None: any)
     streamed: bool = False  # merged exports written tensor by tensor from the source files
+    hf_scratch: bool = False  # merged exports start from a merged float32 HF directory (written streamed if it can)
     split_heads: bool = False  # a split export can carry a classification adapter's new head
     quantized_base: tuple[str, ...] = ()  # routes ("merged", "split") that reproduce a quantized (QOFT) base
     # Relative error bars per written type (dtype or quant): against the float32 PyTorch model with the adapter
@@ -69,6 +70,7 @@ FORMATS: dict[str, Format] = {
             dtypes=("float32",),
             dtype_hint="ONNX exports are float32 (ONNX Runtime's CPU provider refuses mixed half graphs): "
             "use --dtype float32",
+            hf_scratch=True,
             tolerances={"float32": 1e-4},
         ),
         Format(
@@ -132,6 +134,7 @@ class Job:
     lora_rank: Optional[int] = None
     kind: str = "causal"
     record: Optional[dict] = None  # the quantized base the adapter was trained over (QOFT), if any
+    scratch: Any = None  # psoft_export.streamed.Stream writing the merged float32 HF directory (model then None)
 
     @property
     def written_as(self) -> str:

@@ -409,29 +409,59 @@ def compare_tensors(gguf_path: Path, model_dir: Path, state: dict[str, torch.Ten
     """``{gguf name: (max |file - expected| / max |expected|, max |file - expected|)}`` for every tensor of a merged
     GGUF file, expected from ``state`` (the merged model's HF tensors, same names as ``model_dir``'s), laid out
     as the writer lays them (rope rows interleaved), the file's tensors dequantized."""
-    from gguf.quants import dequantize
+    with TensorComparison(gguf_path, model_dir, list(state)) as compare:
+        return compare.finish(state.__getitem__)
 
-    config = _read_json(Path(model_dir) / "config.json")
-    arch = _gguf_arch(config)
-    stored = {t.name: t for t in GGUFReader(str(gguf_path)).tensors}
-    errors = {}
-    with open(gguf_path, "rb") as f:  # read, not the reader's memory map: its touched pages would stay resident
-        for name, hf_name, heads in tensor_names(list(state), config, arch):
-            if name not in stored:
-                raise UserInputError(f"{gguf_path} has no tensor {name}: not a merge of this model")
-            ref = state[hf_name].detach().to(torch.float32).numpy()
-            ref = ref if heads is None else interleave_rope_rows(ref, heads)
-            ref = ref.reshape(ref.shape[0] if ref.ndim else 1, -1)
-            t, diff, scale = stored[name], 0.0, 0.0
-            row_bytes = t.n_bytes // ref.shape[0]
-            f.seek(t.data_offset)
-            for i in range(0, ref.shape[0], ROWS):  # a block of rows at a time: no tensor-sized float64 copies
-                raw = np.fromfile(f, np.uint8, row_bytes * len(ref[i : i + ROWS])).reshape(len(ref[i : i + ROWS]), -1)
-                got = dequantize(raw, t.tensor_type).reshape(ref[i : i + ROWS].shape)
-                diff = max(diff, float(np.abs(got - ref[i : i + ROWS]).max(initial=0.0)))
-                scale = max(scale, float(np.abs(ref[i : i + ROWS]).max(initial=0.0)))
-            errors[name] = (diff / max(scale, 1e-30) if ref.size else 0.0, diff)
-    return errors
+
+class TensorComparison:
+    """The tensor-by-tensor comparison of a merged GGUF file with expected HF tensors, fed one tensor at a time
+    (:meth:`check`, e.g. while a verification pass holds it) and finished with a loader for the rest."""
+
+    def __init__(self, gguf_path: Path, model_dir: Path, hf_names: list[str]) -> None:
+        config = _read_json(Path(model_dir) / "config.json")
+        self.path = gguf_path
+        self.stored = {t.name: t for t in GGUFReader(str(gguf_path)).tensors}
+        self.entries = {hf: (name, heads) for name, hf, heads in tensor_names(hf_names, config, _gguf_arch(config))}
+        self.errors: dict[str, tuple[float, float]] = {}
+        self.file = None
+
+    def __enter__(self) -> "TensorComparison":
+        self.file = open(self.path, "rb")  # read, not the reader's memory map: its touched pages would stay resident
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+    def check(self, hf_name: str, tensor: torch.Tensor) -> None:
+        """Compare the file's tensor for ``hf_name`` (if the file holds one) with ``tensor``, a block of rows at a
+        time (no tensor-sized float64 copies)."""
+        from gguf.quants import dequantize
+
+        if hf_name not in self.entries:
+            return
+        name, heads = self.entries[hf_name]
+        if name not in self.stored:
+            raise UserInputError(f"{self.path} has no tensor {name}: not a merge of this model")
+        ref = tensor.detach().to(torch.float32).numpy()
+        ref = ref if heads is None else interleave_rope_rows(ref, heads)
+        ref = ref.reshape(ref.shape[0] if ref.ndim else 1, -1)
+        t, diff, scale = self.stored[name], 0.0, 0.0
+        row_bytes = t.n_bytes // ref.shape[0]
+        self.file.seek(t.data_offset)
+        for i in range(0, ref.shape[0], ROWS):
+            rows = len(ref[i : i + ROWS])
+            raw = np.fromfile(self.file, np.uint8, row_bytes * rows).reshape(rows, -1)
+            got = dequantize(raw, t.tensor_type).reshape(ref[i : i + ROWS].shape)
+            diff = max(diff, float(np.abs(got - ref[i : i + ROWS]).max(initial=0.0)))
+            scale = max(scale, float(np.abs(ref[i : i + ROWS]).max(initial=0.0)))
+        self.errors[name] = (diff / max(scale, 1e-30) if ref.size else 0.0, diff)
+
+    def finish(self, load) -> dict[str, tuple[float, float]]:
+        """Check every tensor not checked yet with ``load(hf_name)``; the errors by GGUF name."""
+        for hf_name, (name, _) in self.entries.items():
+            if name not in self.errors:
+                self.check(hf_name, load(hf_name))
+        return self.errors
 
 
 ROWS = 1024  # rows per block when comparing a file's tensors

@@ -127,6 +127,18 @@ def _optimum_tasks(model_type: str) -> list[str]:
     return list(TasksManager.get_supported_tasks_for_model_type(model_type, "onnx", library_name="transformers"))
 
 
+def too_big_for_post_process(model: nn.Module) -> bool:
+    """optimum's post-processing (dropping the duplicate of tied weights) re-serializes the whole model as one
+    protobuf, which cannot pass 2 GB: it fails there ("Failed to serialize proto", measured on a 1B Llama with tied
+    embeddings, 4.3 GB in float32), so beyond that it is skipped and the tied embedding is stored twice."""
+    seen, size = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            size += p.numel() * p.element_size()
+    return size >= onnx.checker.MAXIMUM_PROTOBUF
+
+
 def _export(model: nn.Module, model_dir: Path, out_dir: Path, task: str) -> None:
     from optimum.exporters.onnx import onnx_export_from_model
 
@@ -135,7 +147,9 @@ def _export(model: nn.Module, model_dir: Path, out_dir: Path, task: str) -> None
         warnings.simplefilter("ignore", torch.jit.TracerWarning)  # transformers' data-dependent branches, expected
         # transformers' mask code indexes with non-negative indices only; every export is verified numerically
         warnings.filterwarnings("ignore", message="Exporting aten::index operator")
-        onnx_export_from_model(model, out_dir, opset=OPSET, task=task, do_validation=False)
+        onnx_export_from_model(
+            model, out_dir, opset=OPSET, task=task, do_validation=False, no_post_process=too_big_for_post_process(model)
+        )
     for name in SIDE_FILES:  # ours, not optimum's: it skips the tokenizer silently when loading fails
         if (Path(model_dir) / name).is_file():
             shutil.copy2(Path(model_dir) / name, out_dir / name)

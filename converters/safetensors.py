@@ -323,7 +323,10 @@ def merged_scratch(job, out: Path) -> Iterator[Path]:
     """The merged model as a float32 HF directory inside ``out``, for the converters that start from one (so an
     interrupt at any moment leaves nothing behind: the caller removes ``out`` whole); removed afterwards."""
     with tempfile.TemporaryDirectory(prefix=".psoft-merged-", dir=out) as scratch:
-        save_merged_hf(job.model, job.model_dir, Path(scratch), "float32")
+        if job.scratch is not None:  # streamed: the model is never built here (psoft_export/streamed.py)
+            job.scratch.write(Path(scratch))
+        else:
+            save_merged_hf(job.model, job.model_dir, Path(scratch), "float32")
         yield Path(scratch)
 
 

@@ -218,8 +218,14 @@ def merge(
         stream, why = stream_plan(
             model_dir, adapter_dir, quant or dtype, *model_kind(model_dir, adapter_dir), allow_pickle, to
         )
+    scratch = None  # the merged float32 HF directory a format starts from (ONNX), written streamed where it can be
+    if to in FORMATS and FORMATS[to].hf_scratch and not split:
+        stage("planning the streamed merge the export starts from (no model is built)")
+        scratch, why = stream_plan(
+            model_dir, adapter_dir, "float32", *model_kind(model_dir, adapter_dir), allow_pickle, "safetensors"
+        )
     model = None
-    if stream is None:
+    if stream is None and scratch is None:
         stage("loading the model and the adapter")
         model, kind, classes = reference_model(model_dir, adapter_dir, allow_pickle)
     else:
@@ -241,8 +247,10 @@ def merge(
     }
     if streamed:
         info["streamed"] = stream is not None
-        if why:
-            info["in_memory_because"] = why
+    if to in FORMATS and FORMATS[to].hf_scratch and not split:
+        info["scratch_streamed"] = scratch is not None
+    if why:
+        info["in_memory_because"] = why
     record = quantized_base(adapter_dir, to, split)
     if record is not None:
         info["quantized_base"] = _dequantize_in_export(stream, record, dtype, quant, info["method"])
@@ -251,7 +259,7 @@ def merge(
         if stream is not None:
             files, errors = stream.write(tmp), {}
         else:
-            job = Job(model, model_dir, adapter_dir, dtype, quant, lora_rank, kind, record)
+            job = Job(model, model_dir, adapter_dir, dtype, quant, lora_rank, kind, record, scratch)
             route = converters.module(to)
             files, errors = route.write_split(job, tmp) if split else (route.write_merged(job, tmp), {})
         info["files"] = files
@@ -263,7 +271,7 @@ def merge(
             load, model = _reference_loader(model, model_dir, adapter_dir, allow_pickle, stage), None
             stage("verifying it in its runtime")
             # A streamed export is verified unit by unit too (not over a 4-bit base: that reference dequantizes it)
-            by_units = adapter_dir if stream is not None and record is None else None
+            by_units = adapter_dir if (stream is not None or scratch is not None) and record is None else None
             report = verify_export(tmp, info, model_dir, load, kind, texts, compare_to, streamed_adapter=by_units)
             info["verification"] = report.to_dict()
             (tmp / EXPORT_FILE).write_text(json.dumps(info, indent=2) + "\n")
@@ -289,6 +297,7 @@ def merge(
         "output": str(out_dir),
         **{k: info[k] for k in ("to", "split", "dtype", "dtype_from", "quant", "files")},
         "streamed": info.get("streamed"),
+        "scratch_streamed": info.get("scratch_streamed"),
         "verification": info.get("verification"),
         "lora_approximation": info.get("lora_approximation"),
         "quantized_base": info.get("quantized_base"),

@@ -51,26 +51,54 @@ def rounding_for(to: str, dtype: str, names: dict[str, str], config: dict):
     return lambda name, t: t.to(wanted).to(torch.float32) if t.is_floating_point() else t
 
 
-def safetensors_errors(export_dir: Path, expected: dict, model_dir: Path) -> dict[str, tuple[float, float]]:
-    """``{key: (max |file - expected| / max |expected|, max |file - expected|)}`` for every tensor of a merged
-    safetensors export, read one at a time."""
-    from psoft_export.checkpoint import ModelSource
+BLOCK_BYTES = 2 << 20  # float64 rows compared at a time (it runs while a verification unit is held)
 
-    source = ModelSource(export_dir)
-    errors = {}
-    for key in source.keys():
-        if key not in expected:
-            raise VerificationError(f"the export holds {key}, which the model does not have")
-        got, ref = source.tensor(key), expected[key].detach()
+
+class SafetensorsComparison:
+    """The tensor-by-tensor comparison of a merged safetensors export with expected tensors, fed one tensor at a
+    time (:meth:`check`) and finished with a loader for the rest (see ``converters.gguf.TensorComparison``)."""
+
+    def __init__(self, export_dir: Path, model_dir: Path, names: list[str]) -> None:
+        from psoft_export.checkpoint import ModelSource
+
+        self.source, self.names = ModelSource(export_dir), set(names)
+        self.keys = set(self.source.keys())
+        self.errors: dict[str, tuple[float, float]] = {}
+
+    def __enter__(self) -> "SafetensorsComparison":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def check(self, key: str, expected: torch.Tensor) -> None:
+        if key not in self.keys:
+            return
+        got, ref = self.source.tensor(key), expected.detach()
         if tuple(got.shape) != tuple(ref.shape):
             raise VerificationError(f"{key} has shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
         diff, scale = 0.0, 0.0
         got, ref = got.reshape(got.shape[0] if got.dim() else 1, -1), ref.reshape(ref.shape[0] if ref.dim() else 1, -1)
-        for i in range(0, got.shape[0] if got.numel() else 0, 1024):  # blocks of rows: no tensor-sized copies
-            a, b = got[i : i + 1024].to(torch.float64), ref[i : i + 1024].to(torch.float64)
+        step = max(1, BLOCK_BYTES // (8 * max(1, got.shape[1])))  # blocks of rows: no tensor-sized float64 copies
+        for i in range(0, got.shape[0] if got.numel() else 0, step):
+            a, b = got[i : i + step].to(torch.float64), ref[i : i + step].to(torch.float64)
             diff, scale = max(diff, float((a - b).abs().max())), max(scale, float(b.abs().max()))
-        errors[key] = (diff / max(scale, 1e-30) if got.numel() else 0.0, diff)
-    return errors
+        self.errors[key] = (diff / max(scale, 1e-30) if got.numel() else 0.0, diff)
+
+    def finish(self, load) -> dict[str, tuple[float, float]]:
+        for key in sorted(self.keys):
+            if key not in self.names:
+                raise VerificationError(f"the export holds {key}, which the model does not have")
+            if key not in self.errors:
+                self.check(key, load(key))
+        return self.errors
+
+
+def safetensors_errors(export_dir: Path, expected: dict, model_dir: Path) -> dict[str, tuple[float, float]]:
+    """``{key: (max |file - expected| / max |expected|, max |file - expected|)}`` for every tensor of a merged
+    safetensors export, read one at a time."""
+    with SafetensorsComparison(export_dir, model_dir, list(expected)) as compare:
+        return compare.finish(expected.__getitem__)
 
 
 def gguf_errors(export_dir: Path, expected: dict, model_dir: Path) -> dict[str, tuple[float, float]]:
@@ -78,6 +106,15 @@ def gguf_errors(export_dir: Path, expected: dict, model_dir: Path) -> dict[str, 
     from converters import gguf as conv
 
     return conv.compare_tensors(export_dir / "model.gguf", model_dir, expected)
+
+
+def comparison(to: str, export_dir: Path, model_dir: Path, names: list[str]):
+    """The incremental form of :data:`WEIGHT_CHECKS` (a context manager with ``check`` and ``finish``)."""
+    if to == "gguf":
+        from converters.gguf import TensorComparison
+
+        return TensorComparison(export_dir / "model.gguf", model_dir, names)
+    return SafetensorsComparison(export_dir, model_dir, names)
 
 
 # Formats whose merged exports are compared tensor by tensor (ONNX: logits only; its initializers are renamed and

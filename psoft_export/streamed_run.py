@@ -114,12 +114,20 @@ def streamed(model: nn.Module, load: Loader, adapt=None, whole: frozenset = froz
             h.remove()
 
 
-def outputs(model: nn.Module, load: Loader, inputs, kind: str, adapted: Optional["Adapted"] = None, rounding=None):
+def outputs(
+    model: nn.Module,
+    load: Loader,
+    inputs,
+    kind: str,
+    adapted: Optional["Adapted"] = None,
+    rounding=None,
+    on_tensor=None,
+):
     """:func:`psoft_export.models.torch_outputs` of ``model`` run unit by unit with weights from ``load``; with
     ``adapted``, the adapter applied (as trained, or merged and rounded by ``rounding``: :meth:`Adapted.hook`)."""
     from psoft_export.models import torch_outputs
 
-    adapt = None if adapted is None else adapted.hook(rounding)
+    adapt = None if adapted is None else adapted.hook(rounding, on_tensor)
     whole = frozenset() if adapted is None else adapted.parents
     with streamed(model, load, adapt, whole):
         return torch_outputs(model, inputs, kind)
@@ -202,8 +210,9 @@ class Adapted:
 
         return get
 
-    def hook(self, rounding: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None):
-        """The per-unit step for :func:`streamed`: ``None`` rounding runs the adapter unmerged."""
+    def hook(self, rounding: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None, on_tensor=None):
+        """The per-unit step for :func:`streamed`: ``None`` rounding runs the adapter unmerged; ``on_tensor(canonical
+        name, tensor)`` sees each rounded tensor while it is loaded (the comparison with the export's files)."""
         from psoft_export import adapter_io
 
         def adapt(prefix: str, unit: nn.Module) -> Callable[[], None]:
@@ -223,6 +232,8 @@ class Adapted:
                     for pname, param in mod.named_parameters(recurse=False):
                         full = f"{mod_name}.{pname}" if mod_name else pname
                         param.data = rounding(self.names.get(full, full), param.data)
+                        if on_tensor is not None:
+                            on_tensor(self.names.get(full, full), param.data)
 
             def undo() -> None:
                 for parent, child, base in swapped:

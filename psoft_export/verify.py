@@ -61,15 +61,16 @@ def verify(
 
 
 def unit_by_unit(export_dir: Path, info: dict, model_dir: Path, adapter_dir: Path, allow_pickle: bool) -> bool:
-    """Whether a merged export can be verified one unit at a time (bounded memory): merged safetensors or GGUF of
-    a safetensors checkpoint that holds every tensor, over a float base (a 4-bit base's reference dequantizes it)."""
+    """Whether a merged export can be verified one unit at a time (bounded memory): merged safetensors, GGUF or ONNX
+    of a safetensors checkpoint that holds every tensor, over a float base (a 4-bit base's reference dequantizes it)."""
     from psoft_export import adapter_io, quantized
     from psoft_export.streamed import stream_plan
 
-    if info["split"] or info["to"] not in ("safetensors", "gguf"):
+    if info["split"] or info.get("lora_rank") or info["to"] not in ("safetensors", "gguf", "onnx"):
         return False
     if quantized.record_of(adapter_io.read_meta(adapter_dir)) is not None:
         return False
     kind, classes = model_kind(model_dir, adapter_dir)
-    stream, _ = stream_plan(model_dir, adapter_dir, "float32", kind, classes, allow_pickle, info["to"])
+    to = "gguf" if info["to"] == "gguf" else "safetensors"  # ONNX: what its merged HF directory is written as
+    stream, _ = stream_plan(model_dir, adapter_dir, "float32", kind, classes, allow_pickle, to)
     return stream is not None

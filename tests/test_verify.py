@@ -181,3 +181,22 @@ def test_unit_by_unit_verification_equals_the_whole_model_one(tmp_path, case, to
     for field in ("max_abs_err", "mean_abs_err", "rel_err", "top1_agreement"):
         want, got = a["precision"][field], b["precision"][field]
         assert (got is None) if want is None else got == pytest.approx(want, abs=1e-9), (field, a, b)
+
+
+def test_merged_onnx_starts_from_a_streamed_merge_and_verifies_by_units(tmp_path, monkeypatch):
+    """merge --to onnx writes the merged float32 HF directory optimum starts from tensor by tensor (our reference
+    model is never built: optimum's own load is then the one model in memory), and verification runs the float32
+    model with the adapter one unit at a time, so nothing of ours is held while ONNX Runtime runs (issue 16)."""
+    import psoft_export.merge as merge_mod
+    import psoft_export.verify as verify_mod
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a whole reference model was built")
+
+    monkeypatch.setattr(verify_mod, "reference_model", refuse)
+    monkeypatch.setattr(merge_mod, "reference_model", refuse)
+    info = merge(MODEL, ADAPTERS / CASE, tmp_path / "out", "onnx")
+    assert info["scratch_streamed"] and info["verification"]["ok"] and info["verification"]["streamed"], info
+    assert info["verification"]["outputs"]["logits"]["rel_err"] <= 1e-4
+    report = verify(tmp_path / "out", MODEL, ADAPTERS / CASE)
+    assert report.ok and report.streamed, report.lines()

@@ -8,9 +8,8 @@ computed, not stored); a forward pre-hook on each unit gives its parameters real
 forward hook puts the meta ones back. Peak: the largest unit's weights in float32 plus activations, instead of
 the whole model.
 
-The loaders here: :func:`source_loader`, the base model's files (with :class:`Adapted`, the adapter applied unit by
-unit, as trained or merged and rounded as an export stores it), and :func:`file_loader`, a merged export's own
-safetensors files.
+The loader here, :func:`source_loader`, reads a model directory's files: the base model's (with :class:`Adapted`, the
+adapter applied unit by unit, as trained or merged and rounded as an export stores it) or a merged export's own.
 """
 
 from __future__ import annotations
@@ -152,10 +151,11 @@ class LazyState(Mapping):
         return len(self._keys)
 
 
-def source_loader(model_dir: Path, model: nn.Module, extra: Mapping[str, torch.Tensor]) -> Loader:
-    """The base model's tensors by ``model``'s names, read from ``model_dir`` in float32 (or from ``extra``, the heads
-    saved with an adapter)."""
-    source = ModelSource(model_dir)
+def source_loader(model_dir: Path, model: nn.Module, extra: Optional[Mapping[str, torch.Tensor]] = None) -> Loader:
+    """The tensors of ``model_dir`` by ``model``'s names, in float32 (or from ``extra``, the heads saved with an
+    adapter): a base model's files, or a merged safetensors export's own (what loading it in transformers gives, one
+    unit at a time)."""
+    source, extra = ModelSource(model_dir), extra or {}
     prefix = getattr(model, "base_model_prefix", "") or ""
     names = canonical_names(model)
     keys = set(source.keys())
@@ -242,22 +242,3 @@ class Adapted:
             return undo
 
         return adapt
-
-
-def file_loader(export_dir: Path, model: nn.Module) -> Loader:
-    """A merged safetensors export's own tensors by the model's names, widened to float32 (what loading it in
-    transformers gives, one unit at a time)."""
-    source = ModelSource(export_dir)
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    names = canonical_names(model)
-    keys = set(source.keys())
-
-    def load(name: str) -> torch.Tensor:
-        key = names.get(name, name)
-        src = next((k for k in prefix_variants(key, prefix) if k in keys), None)
-        if src is None:
-            raise KeyError(f"{export_dir} has no tensor {key}")
-        t = source.tensor(src)
-        return t.to(torch.float32) if t.is_floating_point() else t
-
-    return load

@@ -278,7 +278,7 @@ def _verify_streamed(
         weights = compare.finish(adapted.rounded(load, rounding))
     if info["to"] == "safetensors":  # the export's files, run the same way (config and names from the export)
         exported = sr.runnable_skeleton(export_dir, kind, classes, None)
-        got = sr.outputs(exported, sr.file_loader(export_dir, exported), inputs, kind)
+        got = sr.outputs(exported, sr.source_loader(export_dir, exported), inputs, kind)
     else:
         got = RUNTIMES[info["to"]](export_dir, info, inputs, kind, model_dir)[""]
     report.add(name, masked(got, mask, kind), masked(expected_out, mask, kind))

@@ -290,10 +290,11 @@ def test_classification_over_a_quantized_base_is_refused(tmp_path):
         prepare(MODELS / "bert", DATA / "classify.jsonl", TrainConfig(**{**FAST, "steps": 1}))
 
 
-def test_resume_over_nf4_reproduces_the_uninterrupted_run(tmp_path):
-    """The checkpoint holds the config (``quantize`` included): a resumed QOFT run reloads the same 4-bit base and
-    continues bit for bit (CPU)."""
-    cfg = TrainConfig(**{**FAST, "steps": 4, "lr": 2e-2, "save_every": 2})
+@pytest.mark.parametrize("method", ["oft", "psoft"])
+def test_resume_over_nf4_reproduces_the_uninterrupted_run(tmp_path, method):
+    """The checkpoint holds the config (``quantize`` included): a resumed QOFT (or PSOFT over NF4) run reloads the
+    same 4-bit base (and, PSOFT, its decomposition of the original weights) and continues bit for bit (CPU)."""
+    cfg = TrainConfig(**{**(FAST if method == "oft" else PSOFT), "steps": 4, "lr": 2e-2, "save_every": 2})
     ref = []
     train(LLAMA, DATA / "train.jsonl", tmp_path / "ref", cfg, on_log=ref.append)
 

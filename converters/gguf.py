@@ -405,14 +405,6 @@ def _plan(
     return sorted(plan + _extra_tensors(config), key=lambda p: _tensor_order(p.name))
 
 
-def compare_tensors(gguf_path: Path, model_dir: Path, state: dict[str, torch.Tensor]) -> dict[str, tuple[float, float]]:
-    """``{gguf name: (max |file - expected| / max |expected|, max |file - expected|)}`` for every tensor of a merged
-    GGUF file, expected from ``state`` (the merged model's HF tensors, same names as ``model_dir``'s), laid out
-    as the writer lays them (rope rows interleaved), the file's tensors dequantized."""
-    with TensorComparison(gguf_path, model_dir, list(state)) as compare:
-        return compare.finish(state.__getitem__)
-
-
 class TensorComparison:
     """The tensor-by-tensor comparison of a merged GGUF file with expected HF tensors, fed one tensor at a time
     (:meth:`check`, e.g. while a verification pass holds it) and finished with a loader for the rest."""

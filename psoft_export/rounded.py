@@ -8,6 +8,8 @@ here: the tensor-by-tensor comparison of an export's files with those weights, a
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -25,8 +27,8 @@ def rounded_reference(model: nn.Module, to: str, dtype: str) -> nn.Module:
 
     model = merge_and_unload(model)
     state = model.state_dict(keep_vars=True)
-    rounding = rounding_for(to, dtype, canonical_names(model), model.config.to_dict())
     names = canonical_names(model)
+    rounding = rounding_for(to, dtype, names, model.config.to_dict())
     seen: set[int] = set()
     for key, tensor in state.items():
         if tensor.is_floating_point() and id(tensor) not in seen:  # tied tensors once
@@ -94,20 +96,6 @@ class SafetensorsComparison:
         return self.errors
 
 
-def safetensors_errors(export_dir: Path, expected: dict, model_dir: Path) -> dict[str, tuple[float, float]]:
-    """``{key: (max |file - expected| / max |expected|, max |file - expected|)}`` for every tensor of a merged
-    safetensors export, read one at a time."""
-    with SafetensorsComparison(export_dir, model_dir, list(expected)) as compare:
-        return compare.finish(expected.__getitem__)
-
-
-def gguf_errors(export_dir: Path, expected: dict, model_dir: Path) -> dict[str, tuple[float, float]]:
-    """The same for a merged GGUF file (dequantized, rope rows as written: ``converters.gguf.compare_tensors``)."""
-    from converters import gguf as conv
-
-    return conv.compare_tensors(export_dir / "model.gguf", model_dir, expected)
-
-
 def comparison(to: str, export_dir: Path, model_dir: Path, names: list[str]):
     """The incremental form of :data:`WEIGHT_CHECKS` (a context manager with ``check`` and ``finish``)."""
     if to == "gguf":
@@ -119,4 +107,14 @@ def comparison(to: str, export_dir: Path, model_dir: Path, names: list[str]):
 
 # Formats whose merged exports are compared tensor by tensor (ONNX: logits only; its initializers are renamed and
 # folded by the exporter).
-WEIGHT_CHECKS = {"safetensors": safetensors_errors, "gguf": gguf_errors}
+def weight_errors(
+    to: str, export_dir: Path, expected: Mapping[str, torch.Tensor], model_dir: Path
+) -> dict[str, tuple[float, float]]:
+    """``{name: (max |file - expected| / max |expected|, max |file - expected|)}`` for every tensor of a merged
+    ``to`` export against ``expected`` (a state dict), the file's tensors read one at a time (GGUF: dequantized,
+    rope rows as written)."""
+    with comparison(to, export_dir, model_dir, list(expected)) as compare:
+        return compare.finish(expected.__getitem__)
+
+
+WEIGHT_CHECKS = {to: functools.partial(weight_errors, to) for to in ("safetensors", "gguf")}

@@ -19,6 +19,21 @@ from psoft_export.errors import UserInputError
 from psoft_export.models import base_skeleton
 
 
+def saved_heads(model: torch.nn.Module, adapter, adapter_dir: Path) -> dict[str, torch.Tensor]:
+    """The head tensors saved with ``adapter`` (a classifier's new head) by ``model``'s names, each head checked to
+    fit ``model`` as ``load_state_dict`` would check it in the in-memory route (on the meta device: no copy)."""
+    extra = {}
+    for name, state in adapter_io.head_state(model, adapter.head_tensors, adapter.heads).items():
+        try:
+            model.get_submodule(name).load_state_dict({k: v.to("meta") for k, v in state.items()})
+        except RuntimeError as exc:
+            raise UserInputError(
+                f"{adapter_dir}: saved head {name} does not fit this model ({str(exc).splitlines()[0]})"
+            ) from None
+        extra.update({f"{name}.{p}": t for p, t in state.items()})
+    return extra
+
+
 class Stream:
     """A streamed merged safetensors or GGUF export, planned: the meta skeleton, the adapter as read, the fold per
     adapted weight, the head tensors saved with the adapter, and the output files (GGUF: the source tensors by the
@@ -39,15 +54,7 @@ class Stream:
         self.model_dir, self.adapter_dir, self.dtype, self.to = model_dir, adapter_dir, dtype, to
         self.skeleton = base_skeleton(model_dir, kind, classes, adapter_dir)
         self.adapter = adapter_io.read_adapter(adapter_dir, self.skeleton, model_dir)
-        self.extra = {}
-        for name, state in adapter_io.head_state(self.skeleton, self.adapter.head_tensors, self.adapter.heads).items():
-            try:  # the strict shape and key check load_state_dict makes in the in-memory route (meta: no copy)
-                self.skeleton.get_submodule(name).load_state_dict({k: v.to("meta") for k, v in state.items()})
-            except RuntimeError as exc:
-                raise UserInputError(
-                    f"{adapter_dir}: saved head {name} does not fit this model ({str(exc).splitlines()[0]})"
-                ) from None
-            self.extra.update({f"{name}.{p}": t for p, t in state.items()})
+        self.extra = saved_heads(self.skeleton, self.adapter, adapter_dir)
         self.fold = {
             f"{name}.weight": functools.partial(self._fold, name, is_fan_in_fan_out(self.skeleton.get_submodule(name)))
             for name in select_targets(self.skeleton, self.adapter.targets)

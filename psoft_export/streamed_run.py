@@ -132,25 +132,6 @@ def outputs(
         return torch_outputs(model, inputs, kind)
 
 
-class LazyState(Mapping):
-    """A state dict whose tensors are computed when read (one at a time): what the tensor-by-tensor comparisons of
-    an export with its reference take instead of a model's whole state."""
-
-    def __init__(self, keys: list[str], load: Loader) -> None:
-        self._keys, self._load = list(keys), load
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        if key not in self._keys:
-            raise KeyError(key)
-        return self._load(key)
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
-
-
 def source_loader(model_dir: Path, model: nn.Module, extra: Optional[Mapping[str, torch.Tensor]] = None) -> Loader:
     """The tensors of ``model_dir`` by ``model``'s names, in float32 (or from ``extra``, the heads saved with an
     adapter): a base model's files, or a merged safetensors export's own (what loading it in transformers gives, one
@@ -182,13 +163,12 @@ class Adapted:
     def __init__(self, model: nn.Module, model_dir: Path, adapter_dir: Path) -> None:
         from psoft_export import adapter_io
         from psoft_export.adapters import select_targets
+        from psoft_export.streamed import saved_heads
 
         self.adapter = adapter_io.read_adapter(adapter_dir, model, model_dir)
         self.targets = set(select_targets(model, self.adapter.targets))
         self.parents = frozenset(t.rpartition(".")[0] for t in self.targets)
-        self.extra = {}
-        for name, state in adapter_io.head_state(model, self.adapter.head_tensors, self.adapter.heads).items():
-            self.extra.update({f"{name}.{p}": t for p, t in state.items()})
+        self.extra = saved_heads(model, self.adapter, adapter_dir)
         self.names = canonical_names(model)
         self.model = model
 

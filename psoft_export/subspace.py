@@ -206,7 +206,7 @@ class _Tridiagonal:
         # Small products run in torch, LAPACK in SciPy: NumPy's own OpenBLAS would be a third thread pool contending
         # for the cores (measured 50-130 ms stalls on 2 cores for 2048x32 products).
         self.Z = torch.from_numpy(Z[:, np.argsort(-w[:m])].astype(np.float64))  # descending
-        self.d64, self.e64 = d.astype(np.float64), e.astype(np.float64)
+        self.d64, self.off = d.astype(np.float64), -e.astype(np.float64)  # mu I - T: diagonal mu - d, off-diagonal -e
         self.lwork = None
         self.top = self._q(self.Z, b"N")
 
@@ -234,7 +234,7 @@ class _Tridiagonal:
         Y = (Y - Z @ (Z.T @ Y)).numpy()
         X = torch.empty(Y.shape, dtype=torch.float64)
         for j, shift in enumerate(mu.tolist()):
-            *_, x, info = self.lapack.dgtsv(-self.e64, shift - self.d64, -self.e64, Y[:, j : j + 1].copy())
+            *_, x, info = self.lapack.dgtsv(self.off, shift - self.d64, self.off, Y[:, j : j + 1].copy())
             self._check("dgtsv", info)
             X[:, j] = torch.from_numpy(x[:, 0])
         return self._q(X - Z @ (Z.T @ X), b"N")

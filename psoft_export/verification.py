@@ -215,10 +215,9 @@ def verify_export(
         # A merged ONNX export: the float32 model with the adapter one unit at a time, nothing held while ORT runs.
         from psoft_export import streamed_run as sr
 
-        run = sr.runnable_skeleton(Path(model_dir), kind, info.get("classes"), Path(streamed_adapter))
-        adapted = sr.Adapted(run, Path(model_dir), Path(streamed_adapter))
-        exact = sr.outputs(run, sr.source_loader(Path(model_dir), run, adapted.extra), inputs, kind, adapted)
-        del run, adapted
+        run, adapted, load = _by_units(Path(model_dir), Path(streamed_adapter), kind, info.get("classes"))
+        exact = sr.outputs(run, load, inputs, kind, adapted)
+        del run, adapted, load
         got = RUNTIMES[info["to"]](Path(export_dir), info, inputs, kind, model_dir)
         report = Report(route, TOLERANCES[(info["to"], dtype)], streamed=True)
         for label, array in got.items():
@@ -252,23 +251,31 @@ def verify_export(
     return report
 
 
+def _by_units(model_dir: Path, adapter_dir: Path, kind: str, classes: Optional[list]):
+    """``(model, adapter, loader)`` for running the base with the adapter one unit at a time (:mod:`streamed_run`):
+    the adapter built here from its directory, not taken from the writer's plan."""
+    from psoft_export import streamed_run as sr
+
+    run = sr.runnable_skeleton(model_dir, kind, classes, adapter_dir)
+    adapted = sr.Adapted(run, model_dir, adapter_dir)
+    return run, adapted, sr.source_loader(model_dir, run, adapted.extra)
+
+
 def _verify_streamed(
     export_dir: Path, info: dict, model_dir: Path, adapter_dir: Path, kind: str, inputs, route: str, dtype: str
 ) -> Report:
     """The merged safetensors/GGUF checks of :func:`verify_export` in bounded memory (issue 16): every PyTorch model
     runs one unit (decoder layer, embedding, head) at a time with its weights read then (:mod:`streamed_run`), so
-    the peak is the largest unit in float32 and activations, not the model: the float32 merged model (``exact``),
-    the rounded reference and, for safetensors, the export's own files; GGUF runs in llama.cpp as always. Same
-    comparisons and bars as the in-memory checks (tests/test_verify.py holds them equal)."""
+    the peak is the largest unit in float32 and activations, not the model: the float32 model with the adapter as
+    trained (``exact``), the rounded reference and, for safetensors, the export's own files; GGUF runs in llama.cpp
+    as always. Same comparisons and bars as the in-memory checks (tests/test_verify.py holds them equal)."""
     from psoft_export import streamed_run as sr
 
     mask = inputs["attention_mask"].numpy()
     name = "logits" if kind != "encoder" else "last_hidden_state"
     classes = info.get("classes")
-    run = sr.runnable_skeleton(model_dir, kind, classes, adapter_dir)
-    names = sr.canonical_names(run)
-    adapted = sr.Adapted(run, model_dir, adapter_dir)  # built here, not taken from the writer's plan
-    load = sr.source_loader(model_dir, run, adapted.extra)
+    run, adapted, load = _by_units(model_dir, adapter_dir, kind, classes)
+    names = adapted.names
     exact = sr.outputs(run, load, inputs, kind, adapted)
     rounding = rounded.rounding_for(info["to"], dtype, names, run.config.to_dict())
     report = Report(route, ROUNDED_TOLERANCES[(info["to"], dtype)], reference=ROUNDED_REFERENCE)

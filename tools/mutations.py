@@ -68,8 +68,8 @@ MUTATIONS = {
     ),
     "tridiagonal-shift-sign": (
         "psoft_export/subspace.py",
-        "self.lapack.dgtsv(-self.e64, shift - self.d64, -self.e64",
-        "self.lapack.dgtsv(-self.e64, self.d64 - shift, -self.e64",
+        "self.lapack.dgtsv(self.off, shift - self.d64, self.off",
+        "self.lapack.dgtsv(self.off, self.d64 - shift, self.off",
         ["tests/test_decompose.py::test_tridiagonal_basis_reduces_in_place_and_corrects_like_the_spectral_formula"],
     ),
     "unit-reference-unmerged": (

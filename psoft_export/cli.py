@@ -7,6 +7,8 @@ Exit codes: 0 success, 1 verification failed or an unexpected error, 2 bad input
 from __future__ import annotations
 
 import functools
+import os
+import signal
 import sys
 import traceback
 
@@ -14,7 +16,7 @@ import click
 
 from psoft_export import __version__
 from psoft_export.defaults import DEFAULT_NITER, DEFAULT_OVERSAMPLE
-from psoft_export.errors import PsoftExportError, Terminated, interrupt, raise_pending
+from psoft_export.errors import PsoftExportError, Terminated, forget_signals, interrupt, raise_pending, received
 from psoft_export.train_config import QUANTIZE_CHOICES
 
 ALLOW_PICKLE = "Also read pickled .bin weights (with weights_only=True); by default only safetensors are read."
@@ -32,18 +34,26 @@ def handle_errors(command):
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         debug = click.get_current_context().find_root().params.get("debug", False)
+        forget_signals()
         try:
             result = command(*args, **kwargs)
             raise_pending()  # a signal whose exception a finalizer swallowed still ends the run as interrupted
             return result
-        except PsoftExportError as exc:
-            if debug:
-                traceback.print_exc()
-            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except Terminated:
             _fail("terminated", 143)
+        except Exception as exc:
+            signum = received()
+            if signum is not None:  # a library turned the signal's exception into its own (an interrupted import)
+                if debug:
+                    traceback.print_exc()
+                _fail("interrupted", 130) if signum == signal.SIGINT else _fail("terminated", 143)
+            if not isinstance(exc, PsoftExportError):
+                raise
+            if debug:
+                traceback.print_exc()
+            _fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__, exc.exit_code)
 
     return wrapper
 
@@ -456,8 +466,17 @@ def _quiet_interrupts(unraisable, _default=sys.unraisablehook) -> None:
 
 
 def main() -> None:
-    import signal
+    try:
+        _main()
+    except SystemExit as exc:
+        if exc.code in (130, 143):  # interrupted: every ``finally`` has run; nothing in the interpreter's teardown
+            sys.stdout.flush()  # (a library's finalizer, a signal handler already reset) may change the exit code
+            sys.stderr.flush()
+            os._exit(exc.code)
+        raise
 
+
+def _main() -> None:
     # Recorded as well as raised, so a signal that lands in a finalizer still stops the run before it publishes.
     # train installs its own handlers around the loop (checkpoint first).
     signal.signal(signal.SIGTERM, interrupt)

@@ -1,5 +1,7 @@
 """The error hierarchy. Raise where the fact is known; the CLI turns it into an exit code in one place."""
 
+from typing import Optional
+
 
 class PsoftExportError(Exception):
     """Base class of every error this package raises on purpose."""
@@ -46,3 +48,17 @@ def raise_pending() -> None:
 
     if _PENDING:
         raise KeyboardInterrupt() if _PENDING[0] == signal.SIGINT else Terminated()
+
+
+def received() -> Optional[int]:
+    """The first SIGINT/SIGTERM this process received through :func:`interrupt`, or ``None``.
+
+    A library can turn the handler's exception into its own: an extension module whose import is interrupted
+    raises ``ImportError: initialization failed`` (onnxruntime's, measured). Any error after a signal is the signal.
+    """
+    return _PENDING[0] if _PENDING else None
+
+
+def forget_signals() -> None:
+    """Start a command with no signal on record (the record is per process; in-process test runs share it)."""
+    _PENDING.clear()

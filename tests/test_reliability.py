@@ -653,3 +653,27 @@ def test_a_signal_swallowed_by_a_finalizer_still_stops_the_publish(tmp_path, mon
             Finalized()  # the exception raised in __del__ is swallowed (printed as "Exception ignored")
             (tmp / "more.bin").write_bytes(b"y")  # the work carried on
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == [], list(tmp_path.iterdir())
+
+
+def test_a_signal_a_library_turned_into_its_own_error_is_an_interruption(tmp_path, qwen_adapter, monkeypatch):
+    """SIGINT during the import of onnxruntime's extension surfaces as ``ImportError: initialization failed``
+    raised from the KeyboardInterrupt (seen under load: a traceback, exit 1). Any error after a recorded signal is
+    the signal: one line, exit 130, nothing written."""
+    import converters
+    from psoft_export import errors
+
+    monkeypatch.setattr(errors, "_PENDING", [])
+    imported = converters.module
+
+    def interrupted_import(name):
+        if name != "onnx":
+            return imported(name)
+        errors._PENDING.append(signal.SIGINT)  # what the handler records before it raises
+        raise ImportError("initialization failed") from KeyboardInterrupt()
+
+    monkeypatch.setattr(converters, "module", interrupted_import)
+    out = tmp_path / "out"
+    result = invoke(["merge", str(MODELS / "qwen2"), "--adapter", qwen_adapter, "--to", "onnx", "-o", out])
+    assert result.exit_code == 130, result.output
+    assert result.output.strip().splitlines()[-1] == "error: interrupted" and "Traceback" not in result.output
+    assert not out.exists() and list(tmp_path.iterdir()) == [], list(tmp_path.iterdir())

@@ -42,6 +42,12 @@ MUTATIONS = {
         'float("inf"))',
         ["tests/test_loop.py::test_clipping_caps_the_norm"],
     ),
+    "signal-inside-a-library-error": (
+        "psoft_export/cli.py",
+        "            signum = received()",
+        "            signum = None",
+        ["tests/test_reliability.py::test_a_signal_a_library_turned_into_its_own_error_is_an_interruption"],
+    ),
     "grad-accum": (
         "psoft_export/train.py",
         "run.device)).loss / divisor",

@@ -163,3 +163,76 @@ def test_bad_config_values():
         OftConfig(block_size=1)
     with pytest.raises(UserInputError, match="neumann_eps must be in"):
         OftConfig(neumann_eps=1.5)
+
+
+# ------------------------------------------------------------------------------- rotations built by parent module
+
+
+def _counting_orthogonal(monkeypatch) -> list:
+    """Count the Cayley transforms the OFT layers build (one per group or ungrouped layer per forward)."""
+    import psoft_export.adapters.oft as oft_mod
+
+    calls, real = [], oft_mod.cay.orthogonal
+
+    def counted(params, *args):
+        calls.append(params.shape[0])
+        return real(params, *args)
+
+    monkeypatch.setattr(oft_mod.cay, "orthogonal", counted)
+    return calls
+
+
+def test_rotation_groups_build_once_per_parent_and_train_as_per_layer(monkeypatch):
+    """Layers under one parent (attention, MLP) build their blocks in one batched transform, and a training
+    sequence that stresses reuse (two micro-batches, AdamW steps, a layer called alone, parameters changed in
+    place, a no-grad forward, a deep copy) gives the per-layer outputs, gradients and parameters to 1e-6."""
+    import copy
+
+    from psoft_export.adapters.oft import group_rotations
+
+    grouped = load_model("llama")
+    layers = inject(grouped, OftConfig(block_size=BLOCK))
+    randomize(layers, std=0.05)
+    plain = copy.deepcopy(grouped)
+    per_layer = {n: plain.get_submodule(n) for n in layers}
+    for layer in per_layer.values():
+        layer._group = None
+    groups = {id(layer._group) for layer in layers.values()}
+    assert None not in {layer._group for layer in layers.values()} and len(groups) < len(layers) / 2
+    assert group_rotations(copy.deepcopy(grouped)) == len(groups)
+
+    inputs = model_inputs("llama")
+    first, second = {k: v[:1] for k, v in inputs.items()}, {k: v[1:] for k, v in inputs.items()}
+    models = {"grouped": grouped, "plain": plain}
+    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=0.02) for k, m in models.items()}
+    calls = _counting_orthogonal(monkeypatch)
+    name_a, name_b = list(layers)[0], list(layers)[1]  # siblings: q_proj and k_proj of layer 0
+    x = torch.randn(3, layers[name_a].in_features)
+    record: dict[str, list] = {k: [] for k in models}
+    for key, model in models.items():
+        calls.clear()
+        for step in range(2):
+            for batch in (first, second):  # two micro-batches before each step: a backward frees the graph
+                out = model(**batch, labels=batch["input_ids"])
+                out.loss.backward()
+                record[key].append(out.logits.detach())
+            record[key].append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+            opts[key].step()
+            opts[key].zero_grad()
+            if step == 0:  # one member alone, then new parameters: its sibling must not reuse blocks of the old
+                model.get_submodule(name_a)(x)  # (no backward: the blocks it left for its siblings stay alive)
+                with torch.no_grad():
+                    for p in model.parameters():
+                        if p.requires_grad:
+                            p.add_(0.01)
+                record[key].append(model.get_submodule(name_b)(x).detach())
+        if key == "grouped":
+            assert max(calls) > max(layer.q.shape[0] for layer in layers.values())  # batched: blocks of siblings
+            grouped_calls = len(calls)
+        with torch.no_grad():
+            record[key].append(model(**inputs).logits)
+        record[key].append(copy.deepcopy(model)(**inputs).logits.detach())
+        record[key].extend(p.detach().clone() for p in model.parameters() if p.requires_grad)
+    assert grouped_calls < len(calls) / 2, (grouped_calls, len(calls))
+    for got, want in zip(record["grouped"], record["plain"], strict=True):
+        assert rel_err(got, want) <= 1e-6, rel_err(got, want)

@@ -48,6 +48,18 @@ MUTATIONS = {
         "            signum = None",
         ["tests/test_reliability.py::test_a_signal_a_library_turned_into_its_own_error_is_an_interruption"],
     ),
+    "oft-group-stale-blocks": (
+        "psoft_export/adapters/oft.py",
+        "(m.q.data_ptr(), m.q._version, m.q.requires_grad)",
+        "(m.q.data_ptr(), m.q.requires_grad)",
+        ["tests/test_adapters_oft.py::test_rotation_groups_build_once_per_parent_and_train_as_per_layer"],
+    ),
+    "oft-group-spent-graph": (
+        "psoft_export/adapters/oft.py",
+        "            if R.requires_grad:  # a backward",
+        "            if False:  # a backward",
+        ["tests/test_adapters_oft.py::test_rotation_groups_build_once_per_parent_and_train_as_per_layer"],
+    ),
     "grad-accum": (
         "psoft_export/train.py",
         "run.device)).loss / divisor",

@@ -87,7 +87,7 @@ def clip_frobenius(Q: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def cayley_neumann(Q: torch.Tensor, terms: int, eps: float | None = None) -> torch.Tensor:
-    """Cayley–Neumann approximation of ``cayley(Q)`` (no inverse: ``terms - 2`` matrix products, Horner form).
+    """Cayley–Neumann approximation of ``cayley(Q)`` (no inverse: ``degree - 1`` matrix products, Horner form).
 
     Args:
         Q: ``(..., n, n)`` skew-symmetric.
@@ -99,11 +99,10 @@ def cayley_neumann(Q: torch.Tensor, terms: int, eps: float | None = None) -> tor
         Q = clip_frobenius(Q, eps)
     coeffs = neumann_coefficients(terms)
     eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
-    R = coeffs[-1] * eye
     if len(coeffs) == 1:
-        return R.expand_as(Q).clone()
-    R = R.expand_as(Q)
-    for c in reversed(coeffs[:-1]):
+        return (coeffs[0] * eye).expand_as(Q).clone()
+    R = coeffs[-1] * Q + coeffs[-2] * eye  # the first Horner step without its product by the identity
+    for c in reversed(coeffs[:-2]):
         R = torch.matmul(R, Q) + c * eye
     return R
 

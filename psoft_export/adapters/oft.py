@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -82,6 +83,7 @@ class OftLinear(nn.Module):
         stored = 1 if config.block_share else self.num_blocks
         self.q = nn.Parameter(torch.zeros(stored, cay.num_skew_params(b), device=weight.device, dtype=dtype))
         self.merged = False
+        self._group: Optional[RotationGroup] = None  # set by group_rotations: blocks built with its siblings
 
     @property
     def block_size(self) -> int:
@@ -99,7 +101,7 @@ class OftLinear(nn.Module):
 
     def rotate_input(self, x: torch.Tensor) -> torch.Tensor:
         """``x R`` block by block: ``(..., in) -> (..., in)``."""
-        R = self.rotation_blocks().to(x.dtype)
+        R = (self.rotation_blocks() if self._group is None else self._group.blocks(self)).to(x.dtype)
         b = self.block_size
         if R.shape[0] == 1:  # shared block: one plain matmul over (tokens * n, b)
             return (x.reshape(-1, b) @ R[0]).reshape(x.shape)
@@ -171,3 +173,76 @@ class OftLinear(nn.Module):
     def extra_repr(self) -> str:
         c = self.config
         return f"block_size={c.block_size}, blocks={self.num_blocks}, share={c.block_share}, cayley={c.cayley}"
+
+
+class RotationGroup:
+    """OFT layers under one parent module (an attention block, an MLP) with one configuration: their rotation
+    blocks are built in one batched Cayley transform (one chain of ``(sum n_i, b, b)`` products and its backward
+    instead of one short chain per layer), on the first member's forward; each member takes its blocks once.
+
+    Per-layer chains of ``(n, 32, 32)`` products cost their launch overhead, not their FLOPs, on CPU: on the
+    benchmark Llama (hidden 512, 28 layers) building the rotations took 17-20 ms of a 140 ms step one layer at a
+    time and 8-10 ms by parent (``docs/benchmarks.md``). The parent is inside any FSDP unit (a decoder layer), so
+    every member's parameter is gathered when the group reads it. Blocks are reused only while every member's
+    ``q`` is the same tensor at the same version, in the same grad and autocast mode, and only once per member
+    (a second forward, e.g. gradient checkpointing's recomputation or the next micro-batch, builds them anew),
+    and none survive a backward through the batch they came from (it frees the graph they share: a gradient hook
+    drops them). The blocks are the per-layer ones to float rounding (the same products, batched). One difference:
+    a member left out of a forward whose siblings ran gets a zero gradient, not none (AdamW then still moves it by
+    its momentum and weight decay); every member of an attention block or an MLP runs in a model's forward.
+    """
+
+    def __init__(self, members: list[OftLinear]) -> None:
+        self.members = members
+        self._key: Optional[tuple] = None
+        self._slots: dict[int, torch.Tensor] = {}
+        self._generation = 0
+
+    def _state(self) -> tuple:
+        device = self.members[0].q.device.type
+        modes = (torch.is_grad_enabled(), torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+        return modes + tuple((m.q.data_ptr(), m.q._version, m.q.requires_grad) for m in self.members)
+
+    def blocks(self, layer: OftLinear) -> torch.Tensor:
+        state = self._state()
+        if state != self._key or id(layer) not in self._slots:
+            qs = [m.q for m in self.members]
+            c = layer.config
+            R = cay.orthogonal(torch.cat(qs), c.block_size, c.cayley, c.neumann_terms, c.neumann_eps)
+            self._slots = {id(m): part for m, part in zip(self.members, R.split([q.shape[0] for q in qs]))}
+            self._key = state
+            self._generation += 1
+            if R.requires_grad:  # a backward through any member's blocks frees the graph the others hang on
+                R.register_hook(functools.partial(self._spent, self._generation))
+        return self._slots.pop(id(layer))
+
+    def _spent(self, generation: int, grad: torch.Tensor) -> None:
+        if generation == self._generation:
+            self._slots = {}
+
+    def __deepcopy__(self, memo: dict) -> RotationGroup:  # the cached blocks (graph nodes) are not copied
+        import copy
+
+        return RotationGroup([copy.deepcopy(m, memo) for m in self.members])
+
+    def __getstate__(self) -> dict:
+        return {"members": self.members, "_key": None, "_slots": {}, "_generation": 0}
+
+
+def group_rotations(model: nn.Module) -> int:
+    """Link the OFT layers of ``model`` that share a parent and a configuration into :class:`RotationGroup` s;
+    the number of groups. A layer alone stays ungrouped."""
+    groups: dict[tuple, list[OftLinear]] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, OftLinear):
+            module._group = None
+            c = module.config
+            parent = name.rpartition(".")[0]
+            key = (parent, c.block_size, c.cayley, c.neumann_terms, c.neumann_eps, module.q.dtype, module.q.device)
+            groups.setdefault(key, []).append(module)
+    linked = [members for members in groups.values() if len(members) > 1]
+    for members in linked:
+        group = RotationGroup(members)
+        for m in members:
+            m._group = group
+    return len(linked)

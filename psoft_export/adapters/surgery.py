@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from psoft_export.adapters.layout import features, is_linear, linear_around
-from psoft_export.adapters.oft import OftConfig, OftLinear, fitting_block_sizes
+from psoft_export.adapters.oft import OftConfig, OftLinear, fitting_block_sizes, group_rotations
 from psoft_export.adapters.psoft import PsoftConfig, PsoftLinear
 from psoft_export.errors import UserInputError
 
@@ -145,6 +145,8 @@ def inject(
         setattr(parent, child, layer)
         for p_name, param in layer.named_parameters():  # not via requires_grad_(True): a 4-bit base holds ints
             param.requires_grad_(not p_name.startswith("base_layer."))
+    if isinstance(config, OftConfig):
+        group_rotations(model)
     return layers
 
 

@@ -19,6 +19,9 @@ bitsandbytes' lossy CPU repack off), every decoder linear layer targeted (``all-
   chosen so that its trainable parameters match OFT's at ``--block`` (printed; no ``prepare_model_for_kbit_training``,
   whose gradient checkpointing would change what is timed).
 * ``peft-oft-nf4``: PEFT ``OFTConfig(oft_block_size=block, r=0)`` over the same NF4 base.
+* ``loop-ours-oft-nf4``: ``ours-oft-nf4`` trained by the real ``psoft_export.train.train_loop`` with the CLI's
+  defaults (``train_step.LoopRunner``: clipping, schedule, logging, orthogonality on log steps, the CLI's
+  collation); a round times 10 loop steps after one. What ``train --quantize nf4`` runs; memory as its bare variant.
 
 A step is forward + causal-LM loss + backward + ``AdamW.step()`` + ``zero_grad`` (``train_step.Runner``; on CUDA
 ``torch.cuda.synchronize()`` before and after). Timing runs in this process, interleaved round-robin over the
@@ -29,7 +32,7 @@ high-water mark (``VmHWM``, reset after loading) over three steps minus the RSS 
 frozen base's tensor bytes (``psoft_export.quantized.base_nbytes``: parameters, buffers and quant states) are exact.
 
 Bars: the frozen base holds <= 0.3x its float32 bytes (the whole base, and its 4-bit layers); OFT over NF4 steps no
-slower than PEFT QLoRA at equal trainable parameters (ratio <= 1.0).
+slower than PEFT QLoRA at equal trainable parameters (ratio <= 1.0), bare and through the training loop.
 """
 
 from __future__ import annotations
@@ -53,10 +56,14 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import train_step as ts  # noqa: E402
 
-VARIANTS = ("ours-oft-nf4", "ours-oft-f32", "peft-qlora", "peft-oft-nf4")
+VARIANTS = ("ours-oft-nf4", "ours-oft-f32", "peft-qlora", "peft-oft-nf4", "loop-ours-oft-nf4")
 BASE_BAR = 0.3  # frozen base bytes / its float32 bytes
-TIME_BAR = ("ours OFT over NF4 / PEFT QLoRA (equal trainable parameters)", "ours-oft-nf4", "peft-qlora", 1.0)
+TIME_BARS = (
+    ("ours OFT over NF4 / PEFT QLoRA (equal trainable parameters)", "ours-oft-nf4", "peft-qlora", 1.0),
+    ("loop: train --quantize nf4's loop / PEFT QLoRA (bare step)", "loop-ours-oft-nf4", "peft-qlora", 1.0),
+)
 INFO_RATIOS = (
+    ("loop overhead: loop OFT over NF4 / bare OFT over NF4", "loop-ours-oft-nf4", "ours-oft-nf4"),
     ("ours OFT over NF4 / PEFT OFT over NF4", "ours-oft-nf4", "peft-oft-nf4"),
     ("ours OFT over NF4 / ours OFT over float", "ours-oft-nf4", "ours-oft-f32"),
 )
@@ -123,6 +130,7 @@ def load_variant(name: str, model_dir: Path, args) -> tuple[torch.nn.Module, lis
     from psoft_export.models import load_trainable
 
     dtype = torch.bfloat16 if args.precision == "bf16" else None
+    name = name.removeprefix("loop-")  # the loop variant trains the same model through train_loop
     quantize = None if name == "ours-oft-f32" else "nf4"
     model, _ = load_trainable(model_dir, "causal", None, dtype, args.device, loading_kwargs(model_dir), quantize)
     model.requires_grad_(False)
@@ -202,6 +210,8 @@ def measure_memory(args, argv: list[str], model_dir: Path) -> dict[str, dict]:
     out = {}
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536")
     for v in args.variants:
+        if v.startswith("loop-"):  # the same model and step as its bare variant: its memory is that one's
+            continue
         cmd = [sys.executable, str(Path(__file__).resolve()), *ts._strip(argv), "--child", v]
         res = subprocess.run([*cmd, "--model-dir", str(model_dir)], capture_output=True, text=True, env=env)
         if res.returncode != 0:
@@ -227,7 +237,7 @@ def main(argv: list[str]) -> int:
         runners = {}
         for v in args.variants:
             model, params = load_variant(v, model_dir, args)
-            runners[v] = ts.Runner(v, model, params, args, input_ids)
+            runners[v] = (ts.LoopRunner if v.startswith("loop-") else ts.Runner)(v, model, params, args, input_ids)
         times: dict[str, list[float]] = {v: [] for v in args.variants}
         for round_ in range(args.warmup + args.repeats):
             for v, runner in runners.items():
@@ -253,9 +263,7 @@ def main(argv: list[str]) -> int:
     }
     bars = [("frozen base (whole) NF4 / float32 bytes", whole, BASE_BAR)]
     bars.append(("frozen base (4-bit layers) NF4 / float32 bytes", layers, BASE_BAR))
-    label, num, den, bar = TIME_BAR
-    if num in median and den in median:
-        bars.append((label, median[num] / median[den], bar))
+    bars += [(label, median[a] / median[b], bar) for label, a, b, bar in TIME_BARS if a in median and b in median]
     info = [(label, median[a] / median[b]) for label, a, b in INFO_RATIOS if a in median and b in median]
     result["bars"] = [{"name": n, "value": x, "bar": b, "pass": x <= b} for n, x, b in bars]
     result["info"] = dict(info)

@@ -395,7 +395,10 @@ def train_loop(
     """Run the optimisation, checkpointing into ``out_dir/checkpoints``; return the summary."""
     cfg, model = run.cfg, run.model
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay, fused=run.device == "cuda")
+    # Fused on CPU too: one kernel for every parameter (0.4 ms a step against 1.6 ms one by one, on the benchmark
+    # Llama's 28 adapters; docs/benchmarks.md).
+    fused = run.device in ("cpu", "cuda")
+    optimizer = torch.optim.AdamW(params, lr=cfg.peak_lr, weight_decay=cfg.weight_decay, fused=fused)
     scaler = torch.amp.GradScaler("cuda") if run.dtype == torch.float16 else None
     start, history = 0, []
     if resume:

@@ -50,14 +50,14 @@ MUTATIONS = {
     ),
     "oft-group-stale-blocks": (
         "psoft_export/adapters/oft.py",
-        "(m.q.data_ptr(), m.q._version, m.q.requires_grad)",
-        "(m.q.data_ptr(), m.q.requires_grad)",
+        "return (*modes, q.data_ptr(), q._version, q.requires_grad)",
+        "return (*modes, q.data_ptr(), q.requires_grad)",
         ["tests/test_adapters_oft.py::test_rotation_groups_build_once_per_parent_and_train_as_per_layer"],
     ),
     "oft-group-spent-graph": (
         "psoft_export/adapters/oft.py",
-        "            if R.requires_grad:  # a backward",
-        "            if False:  # a backward",
+        "        if R.requires_grad:  # a backward",
+        "        if False:  # a backward",
         ["tests/test_adapters_oft.py::test_rotation_groups_build_once_per_parent_and_train_as_per_layer"],
     ),
     "grad-accum": (

@@ -183,8 +183,8 @@ class RotationGroup:
     Per-layer chains of ``(n, 32, 32)`` products cost their launch overhead, not their FLOPs, on CPU: on the
     benchmark Llama (hidden 512, 28 layers) building the rotations took 17-20 ms of a 140 ms step one layer at a
     time and 8-10 ms by parent (``docs/benchmarks.md``). The parent is inside any FSDP unit (a decoder layer), so
-    every member's parameter is gathered when the group reads it. Blocks are reused only while every member's
-    ``q`` is the same tensor at the same version, in the same grad and autocast mode, and only once per member
+    every member's parameter is gathered when the group reads it. A member takes the blocks built for it only while
+    its ``q`` is the same tensor at the same version, in the same grad and autocast mode, and only once
     (a second forward, e.g. gradient checkpointing's recomputation or the next micro-batch, builds them anew),
     and none survive a backward through the batch they came from (it frees the graph they share: a gradient hook
     drops them). The blocks are the per-layer ones to float rounding (the same products, batched). One difference:
@@ -194,27 +194,30 @@ class RotationGroup:
 
     def __init__(self, members: list[OftLinear]) -> None:
         self.members = members
-        self._key: Optional[tuple] = None
-        self._slots: dict[int, torch.Tensor] = {}
+        self._slots: dict[int, tuple[tuple, torch.Tensor]] = {}
         self._generation = 0
 
-    def _state(self) -> tuple:
-        device = self.members[0].q.device.type
+    @staticmethod
+    def _state(q: torch.Tensor) -> tuple:
+        """What a member's blocks depend on: its own parameter (each block is built from its own generator alone)
+        and the modes they were built in."""
+        device = q.device.type
         modes = (torch.is_grad_enabled(), torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
-        return modes + tuple((m.q.data_ptr(), m.q._version, m.q.requires_grad) for m in self.members)
+        return (*modes, q.data_ptr(), q._version, q.requires_grad)
 
     def blocks(self, layer: OftLinear) -> torch.Tensor:
-        state = self._state()
-        if state != self._key or id(layer) not in self._slots:
-            qs = [m.q for m in self.members]
-            c = layer.config
-            R = cay.orthogonal(torch.cat(qs), c.block_size, c.cayley, c.neumann_terms, c.neumann_eps)
-            self._slots = {id(m): part for m, part in zip(self.members, R.split([q.shape[0] for q in qs]))}
-            self._key = state
-            self._generation += 1
-            if R.requires_grad:  # a backward through any member's blocks frees the graph the others hang on
-                R.register_hook(functools.partial(self._spent, self._generation))
-        return self._slots.pop(id(layer))
+        slot = self._slots.pop(id(layer), None)
+        if slot is not None and slot[0] == self._state(layer.q):
+            return slot[1]
+        qs = [m.q for m in self.members]
+        c = layer.config
+        R = cay.orthogonal(torch.cat(qs), c.block_size, c.cayley, c.neumann_terms, c.neumann_eps)
+        parts = R.split([q.shape[0] for q in qs])
+        self._slots = {id(m): (self._state(m.q), part) for m, part in zip(self.members, parts) if m is not layer}
+        self._generation += 1
+        if R.requires_grad:  # a backward through any member's blocks frees the graph the others hang on
+            R.register_hook(functools.partial(self._spent, self._generation))
+        return parts[self.members.index(layer)]
 
     def _spent(self, generation: int, grad: torch.Tensor) -> None:
         if generation == self._generation:
@@ -226,7 +229,7 @@ class RotationGroup:
         return RotationGroup([copy.deepcopy(m, memo) for m in self.members])
 
     def __getstate__(self) -> dict:
-        return {"members": self.members, "_key": None, "_slots": {}, "_generation": 0}
+        return {"members": self.members, "_slots": {}, "_generation": 0}
 
 
 def group_rotations(model: nn.Module) -> int:

@@ -211,25 +211,31 @@ def merge(
         dtype_from = "--dtype"
     check_request(model_dir, adapter_dir, to, split, dtype, quant, lora_rank)
     check_output_dir(out_dir, overwrite, inputs=[model_dir, adapter_dir])
-    stream, why = None, None
-    streamed = to in FORMATS and FORMATS[to].streamed and not split
-    if streamed:
-        stage("planning the streamed export (no model is built)")
-        stream, why = stream_plan(
-            model_dir, adapter_dir, quant or dtype, *model_kind(model_dir, adapter_dir), allow_pickle, to
+    kind, classes = model_kind(model_dir, adapter_dir)
+    fmt = None if split else FORMATS.get(to)
+    streamed = fmt is not None and fmt.streamed  # written tensor by tensor from the files
+    from_scratch = fmt is not None and fmt.hf_scratch  # starts from a merged float32 HF directory (ONNX)
+    stream = scratch = why = None
+    if streamed or from_scratch:  # one or the other, by format; either way planned from the files alone
+        stage(
+            "planning the streamed export (no model is built)"
+            if streamed
+            else "planning the streamed merge the export starts from (no model is built)"
         )
-    scratch = None  # the merged float32 HF directory a format starts from (ONNX), written streamed where it can be
-    if to in FORMATS and FORMATS[to].hf_scratch and not split:
-        stage("planning the streamed merge the export starts from (no model is built)")
-        scratch, why = stream_plan(
-            model_dir, adapter_dir, "float32", *model_kind(model_dir, adapter_dir), allow_pickle, "safetensors"
+        plan, why = stream_plan(
+            model_dir,
+            adapter_dir,
+            (quant or dtype) if streamed else "float32",
+            kind,
+            classes,
+            allow_pickle,
+            to if streamed else "safetensors",
         )
+        stream, scratch = (plan, None) if streamed else (None, plan)
     model = None
     if stream is None and scratch is None:
         stage("loading the model and the adapter")
         model, kind, classes = reference_model(model_dir, adapter_dir, allow_pickle)
-    else:
-        kind, classes = model_kind(model_dir, adapter_dir)
     info = {
         "format": EXPORT_FORMAT,
         "to": to,
@@ -247,7 +253,7 @@ def merge(
     }
     if streamed:
         info["streamed"] = stream is not None
-    if to in FORMATS and FORMATS[to].hf_scratch and not split:
+    if from_scratch:
         info["scratch_streamed"] = scratch is not None
     if why:
         info["in_memory_because"] = why

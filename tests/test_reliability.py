@@ -241,34 +241,28 @@ def test_interrupted_train_resumes_to_the_same_adapter(tmp_path, uninterrupted, 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_interrupted_merge_leaves_nothing(tmp_path, qwen_adapter, sig, code):
-    """SIGTERM/SIGINT while merge writes: exit 143/130, no output directory and no temporary left behind."""
+    """SIGTERM/SIGINT while merge writes: exit 143/130, no output directory and no temporary left behind.
+
+    The merge of the tiny model ends about 0.65 s after its temporary directory appears; a signal that a loaded
+    machine delivers later finds a finished run (exit 0, the output whole), and the attempt is made again."""
     out = tmp_path / "out"
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "psoft_export",
-            "merge",
-            str(MODELS / "qwen2"),
-            "--adapter",
-            str(qwen_adapter),
-            "--to",
-            "onnx",
-            "-o",
-            str(out),
-        ],
-        env=_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 120
-    while not list(tmp_path.glob(".out.tmp-*")):
-        assert proc.poll() is None, f"merge ended before it was interrupted: {proc.communicate()}"
-        assert time.time() < deadline, "merge never created its temporary directory"
-        time.sleep(0.02)
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=120)
+    cmd = [sys.executable, "-m", "psoft_export", "merge", str(MODELS / "qwen2"), "--adapter", str(qwen_adapter)]
+    cmd += ["--to", "onnx", "-o", str(out)]
+    for _attempt in range(3):
+        proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while not list(tmp_path.glob(".out.tmp-*")):
+            assert proc.poll() is None, f"merge ended before it was interrupted: {proc.communicate()}"
+            assert time.time() < deadline, "merge never created its temporary directory"
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=120)
+        if proc.returncode == 0 and (out / "export.json").is_file():  # the signal came after the publish
+            shutil.rmtree(out)
+            continue
+        break
+    else:
+        pytest.fail("three merges finished before the signal reached them")
     assert proc.returncode == code, f"exit {proc.returncode}: {stderr}"
     assert "Traceback" not in stderr
     assert not out.exists() and not list(tmp_path.iterdir()), f"left behind: {list(tmp_path.iterdir())}"

@@ -53,13 +53,13 @@ def _blas():
 
 
 def _as(band: torch.Tensor, dtype: torch.dtype) -> np.ndarray:
-    """A band as a C-ordered NumPy array of ``dtype`` (no copy when it already is)."""
-    return band.numpy() if band.dtype == dtype else band.to(dtype).numpy()
-
-
-def _f64(band: torch.Tensor) -> np.ndarray:
-    """A band widened to float64 as a C-ordered array (``.T`` of it is the Fortran view BLAS takes)."""
-    return band.numpy().astype(np.float64) if band.dtype == torch.float32 else band.double().numpy()
+    """A band as a C-ordered NumPy array of ``dtype``, float32 or float64 (``.T`` of it is the Fortran view BLAS
+    takes): no copy when it already is; NumPy widens float32 (1.6x faster than torch's cast on one thread)."""
+    if band.dtype == dtype:
+        return band.numpy()
+    if band.dtype == torch.float32:
+        return band.numpy().astype(np.float64)
+    return band.to(dtype).numpy()
 
 
 class BandedMatrix:
@@ -105,11 +105,11 @@ class BandedMatrix:
         blas = _blas()
         Xf = np.asfortranarray(X.numpy())
         if not self.transposed:  # a C-ordered band is its transpose in Fortran order: trans_a gives band @ X
-            parts = [blas.dgemm(1.0, _f64(band).T, Xf, trans_a=1) for _, band in self._bands()]
+            parts = [blas.dgemm(1.0, _as(band, torch.float64).T, Xf, trans_a=1) for _, band in self._bands()]
             return torch.from_numpy(np.concatenate(parts))
         out = np.zeros((self.shape[0], X.shape[1]), order="F")
         for sl, band in self._bands():  # self = S^T: out += band^T X[the band's rows]
-            out = blas.dgemm(1.0, _f64(band).T, np.asfortranarray(Xf[sl]), beta=1.0, c=out, overwrite_c=1)
+            out = blas.dgemm(1.0, _as(band, torch.float64).T, np.asfortranarray(Xf[sl]), beta=1.0, c=out, overwrite_c=1)
         return torch.from_numpy(out)
 
     def apply_t(self, Y: torch.Tensor) -> torch.Tensor:
@@ -127,7 +127,7 @@ class BandedMatrix:
         Xf = np.asfortranarray(X.numpy())
         parts, out = [], np.zeros((self.shape[1], X.shape[1]), order="F")
         for _, band in self._bands():
-            b = _f64(band).T  # Fortran (cols, rows)
+            b = _as(band, torch.float64).T  # Fortran (cols, rows)
             parts.append(blas.dgemm(1.0, b, Xf, trans_a=1))
             out = blas.dgemm(1.0, b, parts[-1], beta=1.0, c=out, overwrite_c=1)
         return torch.from_numpy(np.concatenate(parts)), torch.from_numpy(out)

@@ -161,7 +161,7 @@ class _Dense:
         k = G.shape[0] - rank
         # Ascending order, never flipped whole (a flip copies n^2): the top block is the last ``rank`` columns.
         self.lam, self.top = lam.double(), V[:, k:].flip(1).double()
-        self.Vc, self.lc = V[:, :k], lam[:k].double()  # a view: no copy
+        self.Vc, self.lc = V[:, :k], self.lam[:k]  # views: no copy
 
     def correct(self, R: torch.Tensor, mu: torch.Tensor) -> torch.Tensor:
         """``sum_k v_k v_k^T R_j / (mu_j - lambda_k)`` over the eigenvectors outside the top block."""
@@ -195,7 +195,7 @@ class _Tridiagonal:
         # Q = H(1) ... H(n-1), the reflectors below the subdiagonal: what LAPACK's ormtr passes to ormqr.
         self.refl = np.asfortranarray(c[1:, :-1]) if n > 1 else None
         del c, G
-        self.tau, self.d, self.e = tau[: n - 1], d, e
+        self.tau = tau[: n - 1]
         lam, info = lapack.ssterf(d.copy(), e.copy())[:2]
         self._check("ssterf", info)
         self.lam = torch.from_numpy(np.sort(lam)).double()
